@@ -7,6 +7,7 @@ names the key (``ConfigError``), so a typo never silently becomes a default.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -163,7 +164,7 @@ def _number(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float | str):
         raise ValueError(f"expected a number, got {v!r}")
     n = float(v)
-    if n < 0 or n != n:
+    if not math.isfinite(n) or n < 0:
         raise ValueError("must be a number >= 0")
     return n
 
@@ -191,9 +192,9 @@ def _mode(v: object) -> int:
         try:
             v = int(v, 8)
         except ValueError:
-            raise ValueError(f"expected an octal mode such as \"0660\", got {v!r}") from None
+            raise ValueError(f'expected an octal mode such as "0660", got {v!r}') from None
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
-        raise ValueError(f"expected an octal mode such as \"0660\", got {v!r}")
+        raise ValueError(f'expected an octal mode such as "0660", got {v!r}')
     return v
 
 
@@ -274,6 +275,29 @@ def _convert(name: str, value: object, where: str) -> Any:
         raise ConfigError(f"{where}: {name}: {exc}") from None
 
 
+def _read_file(where: str) -> dict[str, object]:
+    """The file's keys as ``section.key`` -> raw value; unknown names fail."""
+    try:
+        raw = tomllib.loads(Path(where).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{where}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    found: dict[str, object] = {}
+    for section, table in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: unknown section [{section}]")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {section}: expected a [{section}] table")
+        for key, value in table.items():
+            if f"{section}.{key}" not in _CONVERTERS:
+                raise ConfigError(f"{where}: unknown key {section}.{key}")
+            found[f"{section}.{key}"] = value
+    return found
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Config:
@@ -284,26 +308,9 @@ def load_config(
     values: dict[str, Any] = {}
     origins = {name: "default" for name in _CONVERTERS}
     if path is not None:
-        where = str(path)
-        try:
-            raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise ConfigError(f"{where}: config file not found") from None
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"{where}: not valid TOML: {exc}") from None
-        for section, table in raw.items():
-            if section not in SECTIONS:
-                raise ConfigError(f"{where}: unknown section [{section}]")
-            if not isinstance(table, dict):
-                raise ConfigError(f"{where}: {section}: expected a [{section}] table")
-            for key, value in table.items():
-                name = f"{section}.{key}"
-                if name not in _CONVERTERS:
-                    raise ConfigError(f"{where}: unknown key {name}")
-                values[name] = _convert(name, value, where)
-                origins[name] = f"file:{where}"
+        for name, value in _read_file(str(path)).items():
+            values[name] = _convert(name, value, str(path))
+            origins[name] = f"file:{path}"
     for var, name in ENV_OVERRIDES.items():
         if var in env:
             values[name] = _convert(name, env[var], f"env {var}")

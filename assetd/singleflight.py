@@ -6,6 +6,7 @@ import threading
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from functools import partial
 from typing import Generic, TypeVar
 
 from assetd.errors import Timeout
@@ -36,7 +37,7 @@ class SingleFlight(Generic[V]):
             if future is None:
                 future = self._submit(fn)
                 self._calls[key] = future
-                future.add_done_callback(lambda f, k=key: self._forget(k, f))
+                future.add_done_callback(partial(self._forget, key))
         try:
             return future.result(timeout=timeout), shared
         except FutureTimeout:

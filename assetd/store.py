@@ -222,9 +222,15 @@ class Store:
         """Note an access and extend the entry's pin."""
         now = time.time()
         updated = Entry(
-            **{**asdict(entry), "last_access": now, "pinned_until": max(pinned_until, entry.pinned_until)}
+            **{
+                **asdict(entry),
+                "last_access": now,
+                "pinned_until": max(pinned_until, entry.pinned_until),
+            }
         )
-        self.index.set(("obj", bucket, key, self._tag(entry.etag, entry.version_id)), asdict(updated))
+        self.index.set(
+            ("obj", bucket, key, self._tag(entry.etag, entry.version_id)), asdict(updated)
+        )
         return updated
 
     def commit(

@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol, TypeVar
 
 from assetd.errors import (
@@ -35,8 +36,8 @@ from assetd.errors import (
 )
 
 __all__ = [
-    "Body",
     "BlobSink",
+    "Body",
     "Fetched",
     "Fetcher",
     "ObjectChanged",
@@ -228,9 +229,7 @@ class Fetcher(ABC):
     def _open(self, meta: ObjectMeta, deadline: float) -> Body:
         """One GET pinned to ``meta`` (ETag / version); raise ObjectChanged on 412."""
 
-    def head(
-        self, bucket: str, key: str, version_id: str | None, *, deadline: float
-    ) -> ObjectMeta:
+    def head(self, bucket: str, key: str, version_id: str | None, *, deadline: float) -> ObjectMeta:
         """HEAD with retries."""
         return self._retrying(lambda: self._head(bucket, key, version_id, deadline), deadline)
 
@@ -251,9 +250,8 @@ class Fetcher(ABC):
                 meta = self.head(bucket, key, version_id, deadline=deadline)
             if meta.size > max_bytes:
                 raise TooLarge(f"object is {meta.size} bytes, over the limit of {max_bytes} bytes")
-            pinned = meta
             try:
-                return self._retrying(lambda: self._download(pinned, sink, deadline), deadline)
+                return self._retrying(partial(self._download, meta, sink, deadline), deadline)
             except ObjectChanged:
                 meta = None  # replaced since HEAD: look again rather than mix versions
         raise Unavailable("object kept changing during download; try again later")
@@ -300,4 +298,3 @@ class Fetcher(ABC):
             f"S3 kept failing after {self.retry.max_attempts} attempts",
             detail=repr(last),
         )
-

@@ -6,7 +6,7 @@ are off: the base class retries with one deadline across HEAD and GET.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import boto3
 import botocore.exceptions as bce
@@ -133,7 +133,9 @@ class _S3Body:
         try:
             return int(self._body.readinto(buf))
         except Exception as exc:
-            raise translate_error(exc, self._meta.bucket, self._meta.key, self._meta.version_id) from exc
+            raise translate_error(
+                exc, self._meta.bucket, self._meta.key, self._meta.version_id
+            ) from exc
 
     def close(self) -> None:
         self._body.close()
@@ -158,7 +160,7 @@ class S3Fetcher(Fetcher):
             read_timeout=config.read_timeout_s,
             retries={"total_max_attempts": 1, "mode": "standard"},
             max_pool_connections=max_connections,
-            s3={"addressing_style": config.addressing_style},
+            s3=cast(Any, {"addressing_style": config.addressing_style}),
             # we hash every byte ourselves; botocore's CRC pass would be a second one
             response_checksum_validation="when_required",
             request_checksum_calculation="when_required",
@@ -210,4 +212,3 @@ class S3Fetcher(Fetcher):
         except Exception as exc:
             raise translate_error(exc, meta.bucket, meta.key, meta.version_id) from exc
         return _S3Body(resp["Body"], meta)
-

@@ -139,7 +139,10 @@ class SeaweedFS:
             f"-s3.config={ident_path}",
         ]
         for svc in SERVICES:
-            argv += [f"-{svc}.port={self.ports[svc]}", f"-{svc}.port.grpc={self.ports[svc] + 10000}"]
+            argv += [
+                f"-{svc}.port={self.ports[svc]}",
+                f"-{svc}.port.grpc={self.ports[svc] + 10000}",
+            ]
         self.proc = subprocess.Popen(
             argv,
             stdout=(self.root / "weed.out").open("wb"),

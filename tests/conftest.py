@@ -1,0 +1,39 @@
+"""Shared fixtures. Every test process talks to loopback S3 with test credentials only."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# These machines set CA bundles and may hold real AWS settings; none of it
+# may leak into tests that talk to loopback S3.
+_SCRUB_PREFIXES = ("AWS_", "BOTO_")
+_SCRUB = {
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+    "SSL_CERT_FILE",
+    "ASSETD_CONFIG",
+    "ASSETD_SOCKET",
+    "ASSETD_CACHE_DIR",
+}
+for _name in list(os.environ):
+    if _name.startswith(_SCRUB_PREFIXES) or _name in _SCRUB or _name.startswith("ASSET_S3_"):
+        del os.environ[_name]
+os.environ.update(
+    {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+)
+
+
+@pytest.fixture
+def cache_dir(tmp_path: os.PathLike[str]) -> str:
+    """A fresh cache directory."""
+    path = os.path.join(tmp_path, "cache")
+    return path
