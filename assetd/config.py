@@ -312,7 +312,8 @@ def load_config(
             values[name] = _convert(name, value, str(path))
             origins[name] = f"file:{path}"
     for var, name in ENV_OVERRIDES.items():
-        if var in env:
+        # set-but-empty counts as unset: an empty allowlist would otherwise open everything
+        if env.get(var, "").strip():
             values[name] = _convert(name, env[var], f"env {var}")
             origins[name] = f"env:{var}"
     cfg = Config(path=str(path) if path is not None else None, origins=origins)

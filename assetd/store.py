@@ -7,8 +7,7 @@ Layout under the cache dir (DESIGN.md "Cache")::
     index/                          diskcache (SQLite) rows
 
 Commit order, as in diskcache: write the blob under a unique temp name,
-fsync, rename into place, fsync the directory, and only then write the
-index row. The row is the commit point; a crash before it leaves at worst
+fsync, rename into place, and only then write the index row. The row is the commit point; a crash before it leaves at worst
 an unreferenced blob, never a row pointing at missing or partial bytes.
 Readers treat a missing or changed blob as a miss.
 
@@ -42,7 +41,7 @@ from assetd.errors import CacheFull, InternalError
 __all__ = ["Entry", "Hit", "StagedBlob", "Store"]
 
 Fingerprint = tuple[int, int, int, int]
-_WRITEBACK_EVERY = 8 << 20
+_WRITEBACK_EVERY = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -233,6 +232,12 @@ class Store:
         )
         return updated
 
+    def discard_blob(self, sha256: str) -> None:
+        """Delete a blob; rows that name it read as misses from now on."""
+        with self._commit_lock:
+            self.index.delete(("blob", sha256))
+            self.blob_path(sha256).unlink(missing_ok=True)
+
     def commit(
         self,
         staged: StagedBlob,
@@ -267,12 +272,9 @@ class Store:
         staged.seal()
         try:
             path.parent.mkdir(exist_ok=True)
+            # No directory fsync: if power loss undoes the rename but keeps the
+            # row, the blob reads as missing, which is a miss, never bad bytes.
             os.rename(staged.path, path)
-            dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
             return _fingerprint(os.stat(path))
         except OSError as exc:
             raise _disk_error(exc, "publish blob") from exc

@@ -87,8 +87,6 @@ def parse_source(text: str) -> S3Source | LocalSource:
         raise MalformedURI("source is empty")
     if _has_control(text):
         raise MalformedURI("source contains control characters")
-    if text != text.strip():
-        raise MalformedURI("source has leading or trailing whitespace")
     m = _SCHEME.match(text)
     if m and (text[m.end() : m.end() + 1] == "/" or m.group(1).lower() in _KNOWN_SCHEMES):
         scheme = m.group(1)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import pytest
+
+from tests.support.faultproxy import FaultProxy
+from tests.support.seaweedfs import SeaweedFS
 
 # These machines set CA bundles and may hold real AWS settings; none of it
 # may leak into tests that talk to loopback S3.
@@ -37,3 +41,31 @@ def cache_dir(tmp_path: os.PathLike[str]) -> str:
     """A fresh cache directory."""
     path = os.path.join(tmp_path, "cache")
     return path
+
+
+@pytest.fixture(scope="session")
+def moto_server() -> Iterator[str]:
+    """A real moto S3 server over HTTP on loopback (API behaviour only, never benchmarks)."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def seaweedfs() -> Iterator[SeaweedFS]:
+    """One real SeaweedFS (`weed mini`) per test session, credentials enforced."""
+    with SeaweedFS() as weed:
+        yield weed
+
+
+@pytest.fixture
+def fault_proxy(moto_server: str) -> Iterator[FaultProxy]:
+    """A fault-injecting proxy in front of the moto server."""
+    port = int(moto_server.rsplit(":", 1)[1])
+    proxy = FaultProxy(port).start()
+    yield proxy
+    proxy.stop()

@@ -23,6 +23,7 @@ import time
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Protocol, TypeVar
@@ -127,6 +128,11 @@ def _check_deadline(deadline: float, what: str) -> None:
         raise Timeout(f"deadline passed while {what}")
 
 
+# MD5 runs beside SHA-256 rather than after it: both drop the GIL, and on
+# 2 cores this halves the hashing time of a plain-ETag object.
+_MD5_POOL = ThreadPoolExecutor(2, thread_name_prefix="assetd-md5")
+
+
 class _Hasher:
     """Counts, hashes and writes a body in order; hashlib and writes drop the GIL."""
 
@@ -137,10 +143,11 @@ class _Hasher:
         self.size = 0
 
     def feed(self, data: memoryview) -> None:
+        md5 = None if self.md5 is None else _MD5_POOL.submit(self.md5.update, data)
         self.sha.update(data)
-        if self.md5 is not None:
-            self.md5.update(data)
         self.sink.write(data)
+        if md5 is not None:
+            md5.result()  # the buffer is reused after this returns
         self.size += len(data)
 
 
