@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check assetd tests bench
-	$(BIN)/ruff format --check assetd tests bench
+	$(BIN)/ruff check assetd tests bench examples
+	$(BIN)/ruff format --check assetd tests bench examples
 	$(BIN)/mypy
 
 test: lint

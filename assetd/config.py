@@ -13,6 +13,7 @@ import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +48,8 @@ def parse_size(value: object) -> int:
         m = _SIZE.match(value)
         if m:
             unit = (m.group(2) or "B").upper()
-            return int(float(m.group(1)) * _UNITS[unit])
+            # Decimal, not float: "1.001KB" is 1001 bytes and big counts stay exact
+            return int(Decimal(m.group(1)) * _UNITS[unit])
     raise ValueError(f"expected a size such as 512MiB, got {value!r}")
 
 
@@ -314,7 +316,10 @@ def load_config(
     for var, name in ENV_OVERRIDES.items():
         # set-but-empty counts as unset: an empty allowlist would otherwise open everything
         if env.get(var, "").strip():
-            values[name] = _convert(name, env[var], f"env {var}")
+            value = _convert(name, env[var], f"env {var}")
+            if value == ():  # "," or " , ": a list of nothing is no override at all
+                continue
+            values[name] = value
             origins[name] = f"env:{var}"
     cfg = Config(path=str(path) if path is not None else None, origins=origins)
     for section in SECTIONS:

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from assetd.config import Config
-from assetd.errors import AssetError, BadRequest, InternalError
+from assetd.errors import (
+    AccessDenied,
+    AssetError,
+    BadRequest,
+    InternalError,
+    NotFound,
+    TransientError,
+)
 from assetd.fetcher.base import Fetcher, ObjectMeta
 from assetd.policy import Policy
 from assetd.singleflight import SingleFlight
@@ -27,6 +34,7 @@ from assetd.uri import S3Source, parse_s3
 __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
 CacheStatus = Literal["hit", "miss", "coalesced", "stale"]
+_NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +87,7 @@ class AssetService:
         self._lock = threading.Lock()
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
+        self._negative: dict[tuple[str, str, str | None], tuple[float, AssetError]] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -115,28 +124,72 @@ class AssetService:
         budget = self.config.s3.deadline_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + budget
         now = time.time()
-        pin = now + self.config.cache.pin_seconds
+        flight_key = (source.bucket, source.key, version_id)
+        self._check_negative(flight_key)
+        try:
+            return self._lookup_or_fetch(
+                text, source, version_id, policy=policy, deadline=deadline, now=now
+            )
+        except (NotFound, AccessDenied) as exc:
+            if self.config.cache.negative_ttl_s > 0:
+                with self._lock:
+                    now_m = time.monotonic()
+                    if len(self._negative) >= _NEGATIVE_MAX:
+                        self._negative = {k: v for k, v in self._negative.items() if v[0] > now_m}
+                    if len(self._negative) < _NEGATIVE_MAX:
+                        expires = now_m + self.config.cache.negative_ttl_s
+                        self._negative[flight_key] = (expires, exc)
+            raise
 
+    def _check_negative(self, key: tuple[str, str, str | None]) -> None:
+        """Re-raise a recent not_found / access_denied without asking S3 again."""
+        with self._lock:
+            cached = self._negative.get(key)
+            if cached is None:
+                return
+            if cached[0] <= time.monotonic():
+                del self._negative[key]
+                return
+        raise type(cached[1])(cached[1].message, detail="negative cache")
+
+    def _lookup_or_fetch(
+        self,
+        text: str,
+        source: S3Source,
+        version_id: str | None,
+        *,
+        policy: Policy,
+        deadline: float,
+        now: float,
+    ) -> Resolved:
+        pin = now + self.config.cache.pin_seconds
         hit = self.store.lookup(source.bucket, source.key, version_id)
         meta: ObjectMeta | None = None
         if hit is not None:
+            policy.check_size(hit.entry.size)
             fresh = version_id is not None or (
                 now - hit.checked_at < self.config.cache.revalidate_after_s
             )
             if not fresh:
-                meta = self.fetcher.head(source.bucket, source.key, None, deadline=deadline)
+                try:
+                    meta = self.fetcher.head(source.bucket, source.key, None, deadline=deadline)
+                except TransientError:
+                    if not self.config.cache.serve_stale_on_error:
+                        raise
+                    # S3 unreachable: the copy we verified earlier beats failing a grade
+                    entry = self.store.touch(source.bucket, source.key, hit.entry, pinned_until=pin)
+                    self._count("stale")
+                    return self._answer(text, entry, hit.path, "stale")
                 if meta.etag == hit.entry.etag:
                     self.store.mark_checked(source.bucket, source.key, now=now)
                     fresh = True
             if fresh:
-                policy.check_size(hit.entry.size)
                 entry = self.store.touch(source.bucket, source.key, hit.entry, pinned_until=pin)
                 self._count("hits")
                 return self._answer(text, entry, hit.path, "hit")
 
-        flight_key = (source.bucket, source.key, version_id)
         (entry, path), shared = self._flight.do(
-            flight_key,
+            (source.bucket, source.key, version_id),
             lambda: self._fetch(source, version_id, policy, pin, meta),
             timeout=max(0.0, deadline - time.monotonic()),
         )

@@ -33,6 +33,8 @@ class SingleFlight(Generic[V]):
         """Return ``(value, shared)``; ``shared`` is True for callers that waited on another."""
         with self._lock:
             future = self._calls.get(key)
+            if future is not None and future.done():
+                future = None  # finished, its callback not yet run: a new call starts afresh
             shared = future is not None
             if future is None:
                 future = self._submit(fn)

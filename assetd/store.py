@@ -7,8 +7,9 @@ Layout under the cache dir (DESIGN.md "Cache")::
     index/                          diskcache (SQLite) rows
 
 Commit order, as in diskcache: write the blob under a unique temp name,
-fsync, rename into place, and only then write the index row. The row is the commit point; a crash before it leaves at worst
-an unreferenced blob, never a row pointing at missing or partial bytes.
+fsync, rename into place, and only then write the index row. The row is
+the commit point; a crash before it leaves at worst an unreferenced blob,
+never a row pointing at missing or partial bytes.
 Readers treat a missing or changed blob as a miss.
 
 Index rows:

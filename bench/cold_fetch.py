@@ -37,15 +37,15 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import boto3  # noqa: E402
-from boto3.s3.transfer import TransferConfig  # noqa: E402
-from botocore.config import Config as BotoConfig  # noqa: E402
+import boto3
+from boto3.s3.transfer import TransferConfig
+from botocore.config import Config as BotoConfig
 
-from assetd.config import S3Config, load_config  # noqa: E402
-from assetd.fetcher.s3 import S3Fetcher  # noqa: E402
-from assetd.service import AssetService  # noqa: E402
-from assetd.store import Store  # noqa: E402
-from tests.support.seaweedfs import ADMIN_KEY, SeaweedFS, clean_env  # noqa: E402
+from assetd.config import S3Config, load_config
+from assetd.fetcher.s3 import S3Fetcher
+from assetd.service import AssetService
+from assetd.store import Store
+from tests.support.seaweedfs import ADMIN_KEY, SeaweedFS, clean_env
 
 BUCKET = "bench-assets"
 MIB = 1 << 20
@@ -178,7 +178,7 @@ def _rss_bytes() -> int:
 
 
 def rss_child(endpoint: str, key: str, cache: str) -> None:
-    """In a fresh process: peak resident-set growth (MiB), sampled every 2 ms, across one cold resolve."""
+    """In a fresh process: peak RSS growth (MiB), sampled every 2 ms, over one cold resolve."""
     weed = SeaweedFS()
     weed.ports = {"s3": int(endpoint.rsplit(":", 1)[1])}
     ours = Assetd(weed, Path(cache))

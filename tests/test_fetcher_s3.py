@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import os
@@ -160,10 +161,8 @@ def s3(moto_server: str) -> Any:
         region_name="us-east-1",
         config=BotoConfig(s3={"addressing_style": "path"}),
     )
-    try:
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
         client.create_bucket(Bucket=BUCKET)
-    except client.exceptions.BucketAlreadyOwnedByYou:
-        pass
     return client
 
 

@@ -119,7 +119,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int) -> float:
         """Full-jitter exponential backoff for the attempt that just failed (1-based)."""
-        cap = min(self.max_delay_s, self.base_delay_s * (2 ** (attempt - 1)))
+        cap = min(self.max_delay_s, self.base_delay_s * (2 ** min(attempt - 1, 30)))
         return random.uniform(0, cap)  # noqa: S311 - jitter, not cryptography
 
 

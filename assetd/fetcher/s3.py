@@ -172,7 +172,7 @@ class _Pool:
             from botocore.httpsession import get_cert_path
 
             bundle = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
-            self._ssl = ssl.create_default_context(cafile=bundle if bundle is not True else None)
+            self._ssl = ssl.create_default_context(cafile=bundle or None)
         return self._ssl
 
     def get(self, target: _Target) -> http.client.HTTPConnection:

@@ -118,9 +118,8 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() in ("connection", "transfer-encoding"):
                         continue
-                    if rule and rule.header and k.lower() == rule.header[0].lower():
-                        v = rule.header[1]
-                    self.send_header(k, v)
+                    replaced = rule and rule.header and k.lower() == rule.header[0].lower()
+                    self.send_header(k, rule.header[1] if replaced else v)  # type: ignore[union-attr]
                 self.send_header("Connection", "close")
                 self.end_headers()
                 if self.command == "HEAD":

@@ -1,0 +1,167 @@
+"""Socket protocol v1: newline-delimited JSON, one object per line.
+
+A request line is at most ``MAX_LINE`` bytes, not counting the newline.
+Every response echoes the request's ``id`` (when it had one) and carries
+``ok``; failures carry ``error: {code, message, retryable}``. See
+docs/protocol.md for the wire format with examples.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from assetd.errors import AssetError, BadRequest
+
+__all__ = [
+    "MAX_LINE",
+    "OPS",
+    "PrefetchItem",
+    "Request",
+    "decode_request",
+    "encode",
+    "error_response",
+    "ok_response",
+]
+
+MAX_LINE = 64 * 1024
+OPS = ("ping", "resolve", "prefetch", "stats")
+MAX_PREFETCH = 10_000
+
+RequestId = str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PrefetchItem:
+    source: str
+    version_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    op: str
+    id: RequestId = None
+    source: str = ""
+    version_id: str | None = None
+    timeout_s: float | None = None
+    job: str | None = None
+    sources: tuple[PrefetchItem, ...] = field(default_factory=tuple)
+
+
+def _opt_str(obj: dict[str, Any], name: str) -> str | None:
+    value = obj.get(name)
+    if value is not None and not isinstance(value, str):
+        raise BadRequest(f"field '{name}' must be a string")
+    return value
+
+
+def _source(obj: dict[str, Any]) -> str:
+    value = obj.get("source")
+    if not isinstance(value, str):
+        raise BadRequest("field 'source' is required and must be a string")
+    return value
+
+
+def _timeout(obj: dict[str, Any]) -> float | None:
+    value = obj.get("timeout_s")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise BadRequest("field 'timeout_s' must be a positive number")
+    return float(value)
+
+
+def _request_id(obj: dict[str, Any]) -> RequestId:
+    rid = obj.get("id")
+    if rid is not None and (isinstance(rid, bool) or not isinstance(rid, str | int)):
+        raise BadRequest("field 'id' must be a string or an integer")
+    return rid
+
+
+def _prefetch_items(obj: dict[str, Any]) -> tuple[PrefetchItem, ...]:
+    raw = obj.get("sources")
+    if not isinstance(raw, list):
+        raise BadRequest("field 'sources' is required and must be a list")
+    if len(raw) > MAX_PREFETCH:
+        raise BadRequest(f"field 'sources' has more than {MAX_PREFETCH} entries")
+    items = []
+    for entry in raw:
+        if isinstance(entry, str):
+            items.append(PrefetchItem(entry))
+        elif isinstance(entry, dict):
+            items.append(PrefetchItem(_source(entry), _opt_str(entry, "version_id")))
+        else:
+            raise BadRequest("each entry of 'sources' must be a string or {source, version_id}")
+    return tuple(items)
+
+
+def peek_id(line: bytes) -> RequestId:
+    """The id of a request line that failed validation, if one can be read."""
+    try:
+        obj = json.loads(line)
+        return _request_id(obj) if isinstance(obj, dict) else None
+    except (ValueError, AssetError):
+        return None
+
+
+def decode_request(line: bytes) -> Request:
+    """Parse and validate one request line (without its newline)."""
+    if len(line) > MAX_LINE:
+        raise BadRequest(f"request line longer than {MAX_LINE} bytes")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("request line is not valid UTF-8") from None
+    if not text.strip():
+        raise BadRequest("empty request line")
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise BadRequest("request line is not valid JSON") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request must be a JSON object")
+    rid = _request_id(obj)
+    op = obj.get("op")
+    if not isinstance(op, str):
+        raise BadRequest("field 'op' is required and must be a string")
+    if op == "resolve":
+        job = _opt_str(obj, "job")
+        return Request(
+            op,
+            rid,
+            source=_source(obj),
+            version_id=_opt_str(obj, "version_id"),
+            timeout_s=_timeout(obj),
+            job=job,
+        )
+    if op == "prefetch":
+        return Request(op, rid, sources=_prefetch_items(obj), timeout_s=_timeout(obj))
+    if op in OPS:
+        return Request(op, rid)
+    raise BadRequest(f"unknown op '{op[:64]}'")
+
+
+def ok_response(rid: RequestId, body: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {} if rid is None else {"id": rid}
+    out["ok"] = True
+    out.update(body)
+    return out
+
+
+def error_response(rid: RequestId, err: AssetError) -> dict[str, Any]:
+    out: dict[str, Any] = {} if rid is None else {"id": rid}
+    out["ok"] = False
+    out["error"] = err.to_dict()
+    return out
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    """One response line, newline included."""
+    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
