@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from assetd.errors import AssetError, BadRequest
 
@@ -20,6 +21,7 @@ __all__ = [
     "OPS",
     "PrefetchItem",
     "Request",
+    "Resolved",
     "decode_request",
     "encode",
     "error_response",
@@ -31,6 +33,44 @@ OPS = ("ping", "resolve", "prefetch", "stats")
 MAX_PREFETCH = 10_000
 
 RequestId = str | int | None
+CacheStatus = Literal["hit", "miss", "coalesced", "stale"]
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    source: str
+    path: Path
+    size: int
+    sha256: str
+    etag: str
+    version_id: str | None
+    cache: CacheStatus
+    pinned_until: float
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> Resolved:
+        return Resolved(
+            source=str(data["source"]),
+            path=Path(data["path"]),
+            size=int(data["size"]),
+            sha256=str(data["sha256"]),
+            etag=str(data["etag"]),
+            version_id=data.get("version_id"),
+            cache=data["cache"],
+            pinned_until=float(data["pinned_until"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "path": str(self.path),
+            "size": self.size,
+            "sha256": self.sha256,
+            "etag": self.etag,
+            "version_id": self.version_id,
+            "cache": self.cache,
+            "pinned_until": self.pinned_until,
+        }
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,14 +7,15 @@ so do ``assetd check`` and the tests.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
 from assetd.config import Config
 from assetd.errors import (
@@ -27,38 +28,14 @@ from assetd.errors import (
 )
 from assetd.fetcher.base import Fetcher, ObjectMeta
 from assetd.policy import Policy
+from assetd.protocol import CacheStatus, Resolved
 from assetd.singleflight import SingleFlight
-from assetd.store import Entry, Store
+from assetd.store import Entry, Hit, Store
 from assetd.uri import S3Source, parse_s3
 
 __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
-CacheStatus = Literal["hit", "miss", "coalesced", "stale"]
 _NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
-
-
-@dataclass(frozen=True, slots=True)
-class Resolved:
-    source: str
-    path: Path
-    size: int
-    sha256: str
-    etag: str
-    version_id: str | None
-    cache: CacheStatus
-    pinned_until: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
-            "path": str(self.path),
-            "size": self.size,
-            "sha256": self.sha256,
-            "etag": self.etag,
-            "version_id": self.version_id,
-            "cache": self.cache,
-            "pinned_until": self.pinned_until,
-        }
 
 
 def _check_version_id(version_id: object) -> str | None:
@@ -72,6 +49,20 @@ def _check_version_id(version_id: object) -> str | None:
     ):
         raise BadRequest("version_id must be a non-empty string without control characters")
     return version_id
+
+
+@dataclass(frozen=True, slots=True)
+class _Ask:
+    """One validated request, before any I/O."""
+
+    text: str
+    source: S3Source
+    version_id: str | None
+    policy: Policy
+
+    @property
+    def flight_key(self) -> tuple[str, str, str | None]:
+        return (self.source.bucket, self.source.key, self.version_id)
 
 
 class AssetService:
@@ -93,7 +84,7 @@ class AssetService:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def reconfigure(self, config: Config) -> None:
-        """Apply reloadable settings (allowlists, limits) from a new config."""
+        """Apply reloadable settings (allowlists, limits, freshness) from a new config."""
         self.config = config
         self.policy = config.policy()
 
@@ -101,48 +92,72 @@ class AssetService:
         with self._lock:
             self.counters[name] += n
 
-    def resolve(
-        self, source: str, version_id: str | None = None, *, timeout_s: float | None = None
-    ) -> Resolved:
-        """Resolve one source; raise an AssetError with a stable code on failure."""
+    @contextlib.contextmanager
+    def _counted(self) -> Iterator[None]:
+        """Count failures by code; turn a bug into ``internal`` rather than a crash."""
         try:
-            return self._resolve(source, version_id, timeout_s)
+            yield
         except AssetError as exc:
             with self._lock:
                 self.errors[exc.code] += 1
             raise
-        except Exception as exc:  # a bug must not take the daemon down
+        except Exception as exc:
             with self._lock:
                 self.errors["internal"] += 1
             raise InternalError("internal error in assetd", detail=repr(exc)) from exc
 
-    def _resolve(self, text: str, version_id: str | None, timeout_s: float | None) -> Resolved:
+    def _ask(self, text: str, version_id: str | None) -> _Ask:
         source = parse_s3(text)
-        version_id = _check_version_id(version_id)
-        policy = self.policy
-        policy.check_source(source)
-        budget = self.config.s3.deadline_s if timeout_s is None else timeout_s
-        deadline = time.monotonic() + budget
-        now = time.time()
-        flight_key = (source.bucket, source.key, version_id)
-        self._check_negative(flight_key)
-        try:
-            return self._lookup_or_fetch(
-                text, source, version_id, policy=policy, deadline=deadline, now=now
+        ask = _Ask(text, source, _check_version_id(version_id), self.policy)
+        ask.policy.check_source(source)
+        self._check_negative(ask.flight_key)
+        return ask
+
+    def try_hit(self, source: str, version_id: str | None = None) -> Resolved | None:
+        """A fresh hit answered from memory alone, else None (then call :meth:`resolve`).
+
+        Never blocks on disk or network, so the daemon calls it on its event
+        loop. Requests refused before any I/O (parse, policy, a cached
+        not_found) raise here at once.
+        """
+        with self._counted():
+            ask = self._ask(source, version_id)
+            hit = self.store.lookup(
+                ask.source.bucket, ask.source.key, ask.version_id, memory_only=True
             )
-        except (NotFound, AccessDenied) as exc:
-            if self.config.cache.negative_ttl_s > 0:
-                with self._lock:
-                    now_m = time.monotonic()
-                    if len(self._negative) >= _NEGATIVE_MAX:
-                        self._negative = {k: v for k, v in self._negative.items() if v[0] > now_m}
-                    if len(self._negative) < _NEGATIVE_MAX:
-                        expires = now_m + self.config.cache.negative_ttl_s
-                        self._negative[flight_key] = (expires, exc)
-            raise
+            if hit is None or not self._fresh(ask, hit, time.time()):
+                return None
+            return self._serve(ask, hit.entry, hit.path, "hit")
+
+    def resolve(
+        self, source: str, version_id: str | None = None, *, timeout_s: float | None = None
+    ) -> Resolved:
+        """Resolve one source; raise an AssetError with a stable code on failure."""
+        with self._counted():
+            ask = self._ask(source, version_id)
+            budget = self.config.s3.deadline_s if timeout_s is None else timeout_s
+            deadline = time.monotonic() + budget
+            try:
+                return self._lookup_or_fetch(ask, deadline)
+            except (NotFound, AccessDenied) as exc:
+                self._remember_negative(ask.flight_key, exc)
+                raise
+
+    def _remember_negative(self, key: tuple[str, str, str | None], exc: AssetError) -> None:
+        ttl = self.config.cache.negative_ttl_s
+        if ttl <= 0:
+            return
+        with self._lock:
+            now = time.monotonic()
+            if len(self._negative) >= _NEGATIVE_MAX:
+                self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
+            if len(self._negative) < _NEGATIVE_MAX:
+                self._negative[key] = (now + ttl, exc)
 
     def _check_negative(self, key: tuple[str, str, str | None]) -> None:
         """Re-raise a recent not_found / access_denied without asking S3 again."""
+        if not self._negative:
+            return
         with self._lock:
             cached = self._negative.get(key)
             if cached is None:
@@ -152,89 +167,19 @@ class AssetService:
                 return
         raise type(cached[1])(cached[1].message, detail="negative cache")
 
-    def _lookup_or_fetch(
-        self,
-        text: str,
-        source: S3Source,
-        version_id: str | None,
-        *,
-        policy: Policy,
-        deadline: float,
-        now: float,
-    ) -> Resolved:
-        pin = now + self.config.cache.pin_seconds
-        hit = self.store.lookup(source.bucket, source.key, version_id)
-        meta: ObjectMeta | None = None
-        if hit is not None:
-            policy.check_size(hit.entry.size)
-            fresh = version_id is not None or (
-                now - hit.checked_at < self.config.cache.revalidate_after_s
-            )
-            if not fresh:
-                try:
-                    meta = self.fetcher.head(source.bucket, source.key, None, deadline=deadline)
-                except TransientError:
-                    if not self.config.cache.serve_stale_on_error:
-                        raise
-                    # S3 unreachable: the copy we verified earlier beats failing a grade
-                    entry = self.store.touch(source.bucket, source.key, hit.entry, pinned_until=pin)
-                    self._count("stale")
-                    return self._answer(text, entry, hit.path, "stale")
-                if meta.etag == hit.entry.etag:
-                    self.store.mark_checked(source.bucket, source.key, now=now)
-                    fresh = True
-            if fresh:
-                entry = self.store.touch(source.bucket, source.key, hit.entry, pinned_until=pin)
-                self._count("hits")
-                return self._answer(text, entry, hit.path, "hit")
-
-        (entry, path), shared = self._flight.do(
-            (source.bucket, source.key, version_id),
-            lambda: self._fetch(source, version_id, policy, pin, meta),
-            timeout=max(0.0, deadline - time.monotonic()),
+    def _fresh(self, ask: _Ask, hit: Hit, now: float) -> bool:
+        ask.policy.check_size(hit.entry.size)  # a limit lowered by reload applies to hits too
+        return (
+            ask.version_id is not None
+            or now - hit.checked_at < self.config.cache.revalidate_after_s
         )
-        self._count("coalesced" if shared else "misses")
-        if shared:
-            entry = self.store.touch(source.bucket, source.key, entry, pinned_until=pin)
-        return self._answer(text, entry, path, "coalesced" if shared else "miss")
 
-    def _fetch(
-        self,
-        source: S3Source,
-        version_id: str | None,
-        policy: Policy,
-        pinned_until: float,
-        meta: ObjectMeta | None,
-    ) -> tuple[Entry, Path]:
-        # the download has its own deadline: waiters may give up, the cache still fills
-        deadline = time.monotonic() + self.config.s3.deadline_s
-        with self.store.staged() as staged:
-            fetched = self.fetcher.fetch(
-                source.bucket,
-                source.key,
-                version_id,
-                staged,
-                max_bytes=policy.max_object_bytes,
-                deadline=deadline,
-                meta=meta,
-            )
-            self._count("bytes_fetched", fetched.size)
-            return self.store.commit(
-                staged,
-                bucket=source.bucket,
-                key=source.key,
-                sha256=fetched.sha256,
-                size=fetched.size,
-                etag=fetched.meta.etag,
-                version_id=fetched.meta.version_id,
-                requested_version=version_id,
-                pinned_until=pinned_until,
-            )
-
-    @staticmethod
-    def _answer(text: str, entry: Entry, path: Path, cache: CacheStatus) -> Resolved:
+    def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved:
+        pin = time.time() + self.config.cache.pin_seconds
+        entry = self.store.touch(ask.source.bucket, ask.source.key, entry, pinned_until=pin)
+        self._count({"hit": "hits", "miss": "misses"}.get(cache, cache))
         return Resolved(
-            source=text,
+            source=ask.text,
             path=path,
             size=entry.size,
             sha256=entry.sha256,
@@ -243,3 +188,53 @@ class AssetService:
             cache=cache,
             pinned_until=entry.pinned_until,
         )
+
+    def _lookup_or_fetch(self, ask: _Ask, deadline: float) -> Resolved:
+        bucket, key = ask.source.bucket, ask.source.key
+        hit = self.store.lookup(bucket, key, ask.version_id)
+        meta: ObjectMeta | None = None
+        if hit is not None:
+            if self._fresh(ask, hit, time.time()):
+                return self._serve(ask, hit.entry, hit.path, "hit")
+            try:
+                meta = self.fetcher.head(bucket, key, None, deadline=deadline)
+            except TransientError:
+                if not self.config.cache.serve_stale_on_error:
+                    raise
+                # S3 unreachable: the copy we verified earlier beats failing a grade
+                return self._serve(ask, hit.entry, hit.path, "stale")
+            if meta.etag == hit.entry.etag:
+                self.store.mark_checked(bucket, key)
+                return self._serve(ask, hit.entry, hit.path, "hit")
+        (entry, path), shared = self._flight.do(
+            ask.flight_key,
+            lambda: self._fetch(ask, meta),
+            timeout=max(0.0, deadline - time.monotonic()),
+        )
+        return self._serve(ask, entry, path, "coalesced" if shared else "miss")
+
+    def _fetch(self, ask: _Ask, meta: ObjectMeta | None) -> tuple[Entry, Path]:
+        # the download has its own deadline: waiters may give up, the cache still fills
+        deadline = time.monotonic() + self.config.s3.deadline_s
+        with self.store.staged() as staged:
+            fetched = self.fetcher.fetch(
+                ask.source.bucket,
+                ask.source.key,
+                ask.version_id,
+                staged,
+                max_bytes=ask.policy.max_object_bytes,
+                deadline=deadline,
+                meta=meta,
+            )
+            self._count("bytes_fetched", fetched.size)
+            return self.store.commit(
+                staged,
+                bucket=ask.source.bucket,
+                key=ask.source.key,
+                sha256=fetched.sha256,
+                size=fetched.size,
+                etag=fetched.meta.etag,
+                version_id=fetched.meta.version_id,
+                requested_version=ask.version_id,
+                pinned_until=time.time() + self.config.cache.pin_seconds,
+            )

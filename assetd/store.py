@@ -31,7 +31,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -135,8 +135,20 @@ class StagedBlob:
             self.path.unlink()
 
 
+_MISSING = object()
+
+
 class Store:
-    """Blobs and index rows under one cache directory."""
+    """Blobs and index rows under one cache directory.
+
+    Rows this process has read or written are mirrored in memory, so a cache
+    hit costs dict lookups and one ``stat``, not SQLite queries. Access times
+    and pins change on every hit; those updates stay in memory until
+    :meth:`flush` (the daemon calls it every second, and on exit). Every
+    other write goes to the index at once. Several processes may share the
+    cache: a row another process changes is re-read here only after a miss,
+    and the blob's stat fingerprint guards every hit either way.
+    """
 
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.root = Path(root)
@@ -149,9 +161,13 @@ class Store:
             raise _disk_error(exc, f"create {self.root}") from exc
         self.removed_temps = self._clear_tmp()
         self.index = diskcache.Cache(str(self.root / "index"), eviction_policy="none")
-        self._commit_lock = threading.Lock()
+        self._lock = threading.RLock()
+        self._rows: dict[tuple[str, ...], Any] = {}
+        self._dirty: set[tuple[str, ...]] = set()
+        self._totals: list[int] | None = None  # [entries, bytes], counted on first use
 
     def close(self) -> None:
+        self.flush()
         self.index.close()
 
     def _clear_tmp(self) -> int:
@@ -181,63 +197,151 @@ class Store:
     def _tag(etag: str, version_id: str | None) -> str:
         return f"v:{version_id}" if version_id else f"e:{etag}"
 
-    def _blob_ok(self, sha256: str) -> bool:
-        expected = self.index.get(("blob", sha256))
+    # -- rows: memory first, the index behind it ------------------------------
+
+    @staticmethod
+    def _load(k: tuple[str, ...], raw: Any) -> Any:
+        if k[0] == "obj":
+            return Entry(**raw)
+        if k[0] == "cur":
+            return (raw["tag"], float(raw["checked_at"]))
+        return tuple(raw)
+
+    @staticmethod
+    def _dump(k: tuple[str, ...], value: Any) -> Any:
+        if k[0] == "obj":
+            return asdict(value)
+        if k[0] == "cur":
+            return {"tag": value[0], "checked_at": value[1]}
+        return list(value)
+
+    def _get(self, k: tuple[str, ...], *, memory_only: bool = False) -> Any:
+        value = self._rows.get(k, _MISSING)
+        if value is not _MISSING or memory_only:
+            return value
+        raw = self.index.get(k)
+        if raw is None:
+            return None
+        value = self._load(k, raw)
+        with self._lock:
+            return self._rows.setdefault(k, value)
+
+    def _set(self, k: tuple[str, ...], value: Any, *, durable: bool = True) -> None:
+        with self._lock:
+            self._rows[k] = value
+            if durable:
+                self.index.set(k, self._dump(k, value))
+                self._dirty.discard(k)
+            else:
+                self._dirty.add(k)
+
+    def _delete(self, k: tuple[str, ...]) -> None:
+        with self._lock:
+            self._rows.pop(k, None)
+            self._dirty.discard(k)
+            self.index.delete(k)
+
+    def flush(self) -> int:
+        """Write in-memory access times and pins to the index; returns rows written."""
+        with self._lock:
+            dirty = [(k, self._dump(k, self._rows[k])) for k in self._dirty if k in self._rows]
+            self._dirty.clear()
+        if dirty:
+            with self.index.transact():
+                for k, raw in dirty:
+                    self.index.set(k, raw)
+        return len(dirty)
+
+    # -- reads ------------------------------------------------------------------
+
+    def _blob_ok(self, sha256: str, *, memory_only: bool = False) -> bool | None:
+        expected = self._get(("blob", sha256), memory_only=memory_only)
+        if expected is _MISSING:
+            return None
         if expected is None:
             return False
         try:
             st = os.stat(self.blob_path(sha256))
         except OSError:
             return False
-        return tuple(expected) == _fingerprint(st)
+        return bool(expected == _fingerprint(st))
 
-    def lookup(self, bucket: str, key: str, version_id: str | None) -> Hit | None:
-        """The cached entry, if its blob is still exactly what was committed."""
+    def lookup(
+        self, bucket: str, key: str, version_id: str | None, *, memory_only: bool = False
+    ) -> Hit | None:
+        """The cached entry, if its blob is still exactly what was committed.
+
+        With ``memory_only``, answers None unless every row is already in
+        memory, so the caller can take its slow path without touching SQLite.
+        """
         checked_at = 0.0
         if version_id:
-            tag = self._tag("", version_id)
+            tag = "v:" + version_id
         else:
-            cur = self.index.get(("cur", bucket, key))
-            if cur is None:
+            cur = self._get(("cur", bucket, key), memory_only=memory_only)
+            if cur is None or cur is _MISSING:
                 return None
-            tag, checked_at = cur["tag"], float(cur["checked_at"])
-        row = self.index.get(("obj", bucket, key, tag))
-        if row is None:
+            tag, checked_at = cur
+        k = ("obj", bucket, key, tag)
+        entry = self._get(k, memory_only=memory_only)
+        if entry is None or entry is _MISSING:
             return None
-        entry = Entry(**row)
-        if not self._blob_ok(entry.sha256):
+        ok = self._blob_ok(entry.sha256, memory_only=memory_only)
+        if ok is None:
+            return None
+        if not ok:
             # changed or gone under us: forget it so the next fetch replaces it
-            self.index.delete(("obj", bucket, key, tag))
+            self._delete(k)
+            self._adjust(entries=-1)
             return None
         return Hit(entry, self.blob_path(entry.sha256), checked_at)
 
+    def totals(self) -> tuple[int, int]:
+        """(entries, bytes of unique blobs) in the index."""
+        with self._lock:
+            if self._totals is None:
+                entries = size = 0
+                for k in self.index.iterkeys():
+                    if k[0] == "obj":
+                        entries += 1
+                    elif k[0] == "blob":
+                        raw = self.index.get(k)
+                        size += int(raw[0]) if raw else 0
+                self._totals = [entries, size]
+            return self._totals[0], self._totals[1]
+
+    def _adjust(self, *, entries: int = 0, size: int = 0) -> None:
+        with self._lock:
+            if self._totals is not None:
+                self._totals[0] += entries
+                self._totals[1] += size
+
+    # -- writes -----------------------------------------------------------------
+
     def mark_checked(self, bucket: str, key: str, *, now: float | None = None) -> None:
         """Record that S3 still holds what ``cur`` points at."""
-        cur = self.index.get(("cur", bucket, key))
+        cur = self._get(("cur", bucket, key))
         if cur is not None:
-            cur["checked_at"] = time.time() if now is None else now
-            self.index.set(("cur", bucket, key), cur)
+            self._set(("cur", bucket, key), (cur[0], time.time() if now is None else now))
 
     def touch(self, bucket: str, key: str, entry: Entry, *, pinned_until: float) -> Entry:
-        """Note an access and extend the entry's pin."""
-        now = time.time()
-        updated = Entry(
-            **{
-                **asdict(entry),
-                "last_access": now,
-                "pinned_until": max(pinned_until, entry.pinned_until),
-            }
+        """Note an access and extend the entry's pin (in memory until the next flush)."""
+        updated = replace(
+            entry, last_access=time.time(), pinned_until=max(pinned_until, entry.pinned_until)
         )
-        self.index.set(
-            ("obj", bucket, key, self._tag(entry.etag, entry.version_id)), asdict(updated)
+        self._set(
+            ("obj", bucket, key, self._tag(entry.etag, entry.version_id)), updated, durable=False
         )
         return updated
 
     def discard_blob(self, sha256: str) -> None:
         """Delete a blob; rows that name it read as misses from now on."""
-        with self._commit_lock:
-            self.index.delete(("blob", sha256))
+        with self._lock:
+            fp = self._get(("blob", sha256))
+            self._delete(("blob", sha256))
             self.blob_path(sha256).unlink(missing_ok=True)
+            if fp:
+                self._adjust(size=-int(fp[0]))
 
     def commit(
         self,
@@ -257,18 +361,24 @@ class Store:
         now = time.time()
         entry = Entry(sha256, size, etag, version_id, now, now, pinned_until)
         tag = self._tag(etag, version_id)
+        obj_key = ("obj", bucket, key, tag)
         # one publisher at a time, so two keys with the same bytes cannot
         # record each other's inode as the fingerprint
-        with self._commit_lock, self.index.transact():
-            fingerprint = self._publish(staged, sha256, path)
-            self.index.set(("blob", sha256), list(fingerprint))
-            self.index.set(("obj", bucket, key, tag), asdict(entry))
-            if not requested_version:  # a pinned version never moves what others see
-                self.index.set(("cur", bucket, key), {"tag": tag, "checked_at": now})
+        with self._lock:
+            had_blob = self._blob_ok(sha256)
+            new_entry = self._get(obj_key) is None
+            fingerprint = self._publish(staged, sha256, path, exists=bool(had_blob))
+            with self.index.transact():
+                self._set(("blob", sha256), fingerprint)
+                self._set(obj_key, entry)
+                if not requested_version:  # a pinned version never moves what others see
+                    self._set(("cur", bucket, key), (tag, now))
+            self._adjust(entries=int(new_entry), size=0 if had_blob else size)
         return entry, path
 
-    def _publish(self, staged: StagedBlob, sha256: str, path: Path) -> Fingerprint:
-        if self._blob_ok(sha256):
+    @staticmethod
+    def _publish(staged: StagedBlob, sha256: str, path: Path, *, exists: bool) -> Fingerprint:
+        if exists:
             return _fingerprint(os.stat(path))  # identical content is stored once
         staged.seal()
         try:

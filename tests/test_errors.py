@@ -40,11 +40,12 @@ def _all_subclasses(cls: type[errors.AssetError]) -> set[type[errors.AssetError]
 
 
 def _leaf_error_classes() -> list[type[errors.AssetError]]:
-    """Concrete error classes of the module: subclasses of AssetError with no subclasses."""
+    """Concrete classes of the errors module: none of its own classes derive from them."""
     return [
         cls
         for cls in _all_subclasses(errors.AssetError)
-        if cls.__module__ == errors.__name__ and not cls.__subclasses__()
+        if cls.__module__ == errors.__name__
+        and not [sub for sub in cls.__subclasses__() if sub.__module__ == errors.__name__]
     ]
 
 

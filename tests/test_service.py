@@ -20,7 +20,8 @@ from assetd import errors
 from assetd.config import Config, load_config
 from assetd.fetcher.base import Body, ObjectMeta
 from assetd.fetcher.memory import MemoryFetcher
-from assetd.service import AssetService, Resolved
+from assetd.protocol import Resolved
+from assetd.service import AssetService
 from assetd.store import Hit, Store
 
 BUCKET = "autograder-assets"

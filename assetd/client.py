@@ -1,0 +1,162 @@
+"""A blocking client for the daemon's socket: what graders and the CLI use.
+
+One connection, reused across calls and re-opened when the daemon has
+restarted under it. Failures arrive as the daemon's own error classes
+(:meth:`AssetError.from_dict`); a daemon that cannot be reached raises
+:class:`DaemonUnreachable`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from assetd.errors import AssetError, BadRequest, Unavailable
+from assetd.protocol import Resolved
+
+__all__ = ["DEFAULT_SOCKET", "AssetdClient", "DaemonUnreachable"]
+
+DEFAULT_SOCKET = "/run/assetd/assetd.sock"
+
+
+class DaemonUnreachable(Unavailable):
+    """The socket could not be opened, or the daemon hung up and stayed away."""
+
+    def __init__(self, socket_path: str, reason: str) -> None:
+        super().__init__(
+            f"cannot reach assetd at {socket_path}: {reason}; is the service running?",
+            detail=reason,
+        )
+        self.socket_path = socket_path
+
+
+class AssetdClient:
+    """Talk to assetd over its Unix socket; safe to share between threads."""
+
+    def __init__(self, socket_path: str | None = None, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path or os.environ.get("ASSETD_SOCKET") or DEFAULT_SOCKET
+        self.timeout = timeout
+        self._sock: socket.socket | None = None
+        self._file: Any = None
+        self._lock = threading.Lock()
+        self._next_id = 0
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def __enter__(self) -> AssetdClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _drop(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._file = None
+
+    def _connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except OSError as exc:
+            sock.close()
+            raise DaemonUnreachable(self.socket_path, exc.strerror or str(exc)) from exc
+        self._sock = sock
+        self._file = sock.makefile("rb")
+
+    def _exchange(self, line: bytes) -> bytes:
+        assert self._sock is not None
+        self._sock.sendall(line)
+        answer: bytes = self._file.readline()
+        if not answer.endswith(b"\n"):
+            raise ConnectionResetError("daemon closed the connection")
+        return answer
+
+    def call(self, request: dict[str, Any], *, timeout: float | None = None) -> dict[str, Any]:
+        """Send one request and return the daemon's answer (``ok`` true or false)."""
+        with self._lock:
+            self._next_id += 1
+            request = {"id": self._next_id, **request}
+            line = json.dumps(request, separators=(",", ":")).encode() + b"\n"
+            for attempt in (1, 2):
+                fresh = self._sock is None
+                if fresh:
+                    self._connect()
+                assert self._sock is not None
+                self._sock.settimeout(timeout or self.timeout)
+                try:
+                    answer = self._exchange(line)
+                    break
+                except TimeoutError as exc:
+                    self._drop()
+                    raise Unavailable("timed out waiting for assetd", detail=str(exc)) from exc
+                except OSError as exc:
+                    self._drop()
+                    # a kept connection may predate a daemon restart: one fresh try
+                    if fresh or attempt == 2:
+                        raise DaemonUnreachable(self.socket_path, str(exc)) from exc
+        reply: dict[str, Any] = json.loads(answer)
+        return reply
+
+    def _checked(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+        reply = self.call(request, timeout=timeout)
+        if not reply.get("ok"):
+            raise AssetError.from_dict(reply.get("error") or {})
+        return reply
+
+    def ping(self) -> str:
+        """The daemon's version."""
+        return str(self._checked({"op": "ping"})["version"])
+
+    def resolve(
+        self,
+        source: str,
+        version_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        job: str | None = None,
+    ) -> Resolved:
+        """A local path for ``source``; raises the daemon's AssetError on failure."""
+        request: dict[str, Any] = {"op": "resolve", "source": source}
+        if version_id is not None:
+            request["version_id"] = version_id
+        if timeout_s is not None:
+            request["timeout_s"] = timeout_s
+        if job is not None:
+            request["job"] = job
+        wait = None if timeout_s is None else max(self.timeout, timeout_s + 5)
+        return Resolved.from_dict(self._checked(request, timeout=wait))
+
+    def prefetch(
+        self, sources: Iterable[str | tuple[str, str | None]], *, timeout_s: float | None = None
+    ) -> list[Resolved | AssetError]:
+        """Warm the cache; one Resolved or AssetError per source, in order."""
+        items: list[Any] = [
+            s if isinstance(s, str) else {"source": s[0], "version_id": s[1]} for s in sources
+        ]
+        request: dict[str, Any] = {"op": "prefetch", "sources": items}
+        if timeout_s is not None:
+            request["timeout_s"] = timeout_s
+        results: Sequence[dict[str, Any]] = self._checked(request)["results"]
+        if len(results) != len(items):
+            raise BadRequest("daemon answered a different number of prefetch results")
+        return [
+            Resolved.from_dict(r) if r.get("ok") else AssetError.from_dict(r.get("error") or {})
+            for r in results
+        ]
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters, as DESIGN.md's ``stats`` answer."""
+        reply = self._checked({"op": "stats"})
+        reply.pop("id", None)
+        reply.pop("ok", None)
+        return reply
