@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from typing import Any, NoReturn
@@ -10,6 +12,7 @@ from typing import Any, NoReturn
 import click
 
 from assetd import __version__
+from assetd.client import AssetdClient, DaemonUnreachable
 from assetd.config import Config, load_config
 from assetd.errors import AssetError, ConfigError
 
@@ -124,6 +127,189 @@ def check(source: str, version_id: str | None, config_path: str | None, as_json:
     except AssetError as exc:
         report.finish(exc)
     report.finish(None)
+
+
+def _client(socket_path: str | None, timeout: float) -> AssetdClient:
+    return AssetdClient(socket_path, timeout=timeout)
+
+
+def _unreachable(exc: DaemonUnreachable) -> NoReturn:
+    _fail(exc.message, 3)
+
+
+_socket_option = click.option(
+    "--socket",
+    "socket_path",
+    default=None,
+    help="Daemon socket (default: $ASSETD_SOCKET or /run/assetd/assetd.sock).",
+)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@click.option(
+    "--grace", default=10.0, show_default=True, help="Seconds in-flight work gets at stop."
+)
+def serve(config_path: str | None, grace: float) -> None:
+    """Run the daemon in the foreground (systemd: Type=notify)."""
+    from assetd import log
+    from assetd.server import build_daemon
+
+    cfg = _load(config_path)
+    log.configure(cfg.log.format, cfg.log.level)
+    try:
+        daemon = build_daemon(cfg, grace_s=grace)
+    except (ConfigError, AssetError) as exc:
+        _fail(f"assetd: cannot start: {exc}", 2)
+    try:
+        code = daemon.run()
+    except ConfigError as exc:
+        _fail(f"assetd: cannot start: {exc}", 2)
+    except OSError as exc:
+        _fail(f"assetd: cannot start: {exc}", 1)
+    sys.exit(code)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--version-id", default=None, help="Resolve this object version.")
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Deadline in seconds.")
+@click.option("--job", default=None, help="Caller label logged with the result.")
+@click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
+@_socket_option
+def get(
+    source: str,
+    version_id: str | None,
+    timeout_s: float | None,
+    job: str | None,
+    as_json: bool,
+    socket_path: str | None,
+) -> None:
+    """Ask the daemon for SOURCE and print its local path."""
+    with _client(socket_path, timeout=(timeout_s or 300) + 5) as client:
+        try:
+            res = client.resolve(source, version_id, timeout_s=timeout_s, job=job)
+        except DaemonUnreachable as exc:
+            _unreachable(exc)
+        except AssetError as exc:
+            if as_json:
+                click.echo(json.dumps({"ok": False, "error": exc.to_dict()}))
+                sys.exit(1)
+            _fail(f"{exc.code}: {exc.message}", 1)
+    click.echo(json.dumps({"ok": True, **res.to_dict()}) if as_json else str(res.path))
+
+
+def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
+    """Sources named on the command line, or read from setup-config / list files."""
+    found: list[tuple[str, str | None]] = []
+    for arg in args:
+        if "://" in arg or not os.path.isfile(arg):
+            found.append((arg, None))
+            continue
+        try:
+            with open(arg, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:
+            _fail(f"assetd: cannot read {arg}: {exc}", 2)
+        items = data.get("assets") if isinstance(data, dict) else data
+        if not isinstance(items, list):
+            _fail(f'assetd: {arg}: expected {{"assets": [...]}} or a list of sources', 2)
+        for item in items:
+            if isinstance(item, str):
+                found.append((item, None))
+            elif isinstance(item, dict) and isinstance(item.get("source"), str):
+                found.append((item["source"], item.get("version_id")))
+            else:
+                _fail(f"assetd: {arg}: each entry needs a string 'source'", 2)
+    return found
+
+
+@cli.command()
+@click.argument("items", nargs=-1, required=True)
+@click.option("--timeout", "timeout_s", type=float, default=None, help="Deadline per source.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON summary line.")
+@_socket_option
+def prefetch(
+    items: tuple[str, ...], timeout_s: float | None, as_json: bool, socket_path: str | None
+) -> None:
+    """Warm the cache from FILEs (setup configs or source lists) or SOURCEs."""
+    sources = _sources_from(items)
+    summary = {"objects": len(sources), "bytes": 0, "hits": 0, "misses": 0, "errors": 0}
+    failures: list[str] = []
+    batch = 8  # small batches: the progress bar moves, the daemon still fetches in parallel
+    show = sys.stderr.isatty() and not as_json
+    bar_cm: Any = (
+        click.progressbar(length=len(sources), label="prefetch", file=sys.stderr)
+        if show
+        else contextlib.nullcontext()
+    )
+    with _client(socket_path, timeout=(timeout_s or 300) * 2 + 5) as client, bar_cm as bar:
+        for start in range(0, len(sources), batch):
+            chunk = sources[start : start + batch]
+            try:
+                results = client.prefetch(chunk, timeout_s=timeout_s)
+            except DaemonUnreachable as exc:
+                _unreachable(exc)
+            except AssetError as exc:
+                _fail(f"{exc.code}: {exc.message}", 1)
+            for (source, _vid), res in zip(chunk, results, strict=True):
+                if isinstance(res, AssetError):
+                    summary["errors"] += 1
+                    failures.append(f"{source}: {res.code}: {res.message}")
+                    continue
+                summary["bytes"] += res.size
+                summary["hits" if res.cache in ("hit", "stale") else "misses"] += 1
+            if bar is not None:
+                bar.update(len(chunk))
+    for line in failures:
+        click.echo(line, err=True)
+    if as_json:
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(
+            f"{summary['objects']} objects, {summary['bytes']} bytes: {summary['hits']} hits, "
+            f"{summary['misses']} misses, {summary['errors']} errors"
+        )
+    sys.exit(1 if summary["errors"] else 0)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the raw figures as JSON.")
+@_socket_option
+def stats(as_json: bool, socket_path: str | None) -> None:
+    """Show the daemon's cache and request counters."""
+    with _client(socket_path, timeout=30) as client:
+        try:
+            figures = client.stats()
+        except DaemonUnreachable as exc:
+            _unreachable(exc)
+        except AssetError as exc:
+            _fail(f"{exc.code}: {exc.message}", 1)
+    if as_json:
+        click.echo(json.dumps(figures))
+        return
+    rows = [
+        ("entries", figures["entries"]),
+        ("bytes", figures["bytes"]),
+        ("hits", figures["hits"]),
+        ("misses", figures["misses"]),
+        ("coalesced", figures["coalesced"]),
+        ("stale", figures["stale"]),
+        ("bytes fetched", figures["bytes_fetched"]),
+        ("S3 HEAD / GET", f"{figures['s3_requests']['head']} / {figures['s3_requests']['get']}"),
+    ]
+    rows += [(f"errors: {code}", n) for code, n in sorted(figures["errors"].items())]
+    for op, outcomes in figures.get("latency", {}).items():
+        for outcome, h in outcomes.items():
+            rows.append(
+                (
+                    f"{op} {outcome}",
+                    f"{h['count']} (p50 <= {h['p50_le_ms']} ms, p99 <= {h['p99_le_ms']} ms)",
+                )
+            )
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        click.echo(f"{label:<{width}}  {value}")
 
 
 def main() -> None:

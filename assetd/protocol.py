@@ -8,6 +8,7 @@ docs/protocol.md for the wire format with examples.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ __all__ = [
     "Resolved",
     "decode_request",
     "encode",
+    "encode_resolved",
     "error_response",
     "ok_response",
 ]
@@ -200,6 +202,38 @@ def error_response(rid: RequestId, err: AssetError) -> dict[str, Any]:
     out["ok"] = False
     out["error"] = err.to_dict()
     return out
+
+
+@functools.lru_cache(maxsize=4096)
+def _resolved_fields(
+    source: str, path: Path, size: int, sha256: str, etag: str, version_id: str | None, cache: str
+) -> str:
+    """The JSON members of a resolve answer that stay the same from one hit to the next."""
+    body = {
+        "source": source,
+        "path": str(path),
+        "size": size,
+        "sha256": sha256,
+        "etag": etag,
+        "version_id": version_id,
+        "cache": cache,
+    }
+    return json.dumps(body, separators=(",", ":"), ensure_ascii=False)[1:-1]
+
+
+def encode_resolved(rid: RequestId, res: Resolved) -> bytes:
+    """``encode(ok_response(rid, res.to_dict()))``, without re-serialising what a hit repeats."""
+    head = (
+        "{"
+        if rid is None
+        else '{"id":'
+        + (str(rid) if isinstance(rid, int) else json.dumps(rid, ensure_ascii=False))
+        + ","
+    )
+    fields = _resolved_fields(
+        res.source, res.path, res.size, res.sha256, res.etag, res.version_id, res.cache
+    )
+    return f'{head}"ok":true,{fields},"pinned_until":{res.pinned_until!r}}}\n'.encode()
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -35,6 +35,7 @@ from assetd.uri import S3Source, parse_s3
 
 __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
+_COUNTER = {"hit": "hits", "miss": "misses", "coalesced": "coalesced", "stale": "stale"}
 _NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
 
 
@@ -175,9 +176,13 @@ class AssetService:
         )
 
     def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved:
-        pin = time.time() + self.config.cache.pin_seconds
-        entry = self.store.touch(ask.source.bucket, ask.source.key, entry, pinned_until=pin)
-        self._count({"hit": "hits", "miss": "misses"}.get(cache, cache))
+        pin = self.store.touch(
+            ask.source.bucket,
+            ask.source.key,
+            entry,
+            pinned_until=time.time() + self.config.cache.pin_seconds,
+        )
+        self._count(_COUNTER[cache])
         return Resolved(
             source=ask.text,
             path=path,
@@ -186,7 +191,7 @@ class AssetService:
             etag=entry.etag,
             version_id=entry.version_id,
             cache=cache,
-            pinned_until=entry.pinned_until,
+            pinned_until=pin,
         )
 
     def _lookup_or_fetch(self, ask: _Ask, deadline: float) -> Resolved:

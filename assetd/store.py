@@ -84,9 +84,11 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    entry: Entry
+    entry: Entry  # as committed; access time and pin are below, current as of the lookup
     path: Path
     checked_at: float
+    last_access: float
+    pinned_until: float
 
 
 class StagedBlob:
@@ -164,6 +166,9 @@ class Store:
         self._lock = threading.RLock()
         self._rows: dict[tuple[str, ...], Any] = {}
         self._dirty: set[tuple[str, ...]] = set()
+        # access time and pin per obj row; kept apart so a hit allocates nothing
+        self._pins: dict[tuple[str, ...], tuple[float, float]] = {}
+        self._paths: dict[str, Path] = {}
         self._totals: list[int] | None = None  # [entries, bytes], counted on first use
 
     def close(self) -> None:
@@ -182,7 +187,10 @@ class Store:
         return removed
 
     def blob_path(self, sha256: str) -> Path:
-        return self.blobs / sha256[:2] / sha256
+        path = self._paths.get(sha256)
+        if path is None:
+            path = self._paths[sha256] = self.blobs / sha256[:2] / sha256
+        return path
 
     @contextlib.contextmanager
     def staged(self) -> Iterator[StagedBlob]:
@@ -238,13 +246,21 @@ class Store:
     def _delete(self, k: tuple[str, ...]) -> None:
         with self._lock:
             self._rows.pop(k, None)
+            self._pins.pop(k, None)
             self._dirty.discard(k)
             self.index.delete(k)
+
+    def _current(self, k: tuple[str, ...]) -> Any:
+        value = self._rows[k]
+        pin = self._pins.get(k)
+        if pin is not None and k[0] == "obj":
+            value = replace(value, last_access=pin[0], pinned_until=pin[1])
+        return value
 
     def flush(self) -> int:
         """Write in-memory access times and pins to the index; returns rows written."""
         with self._lock:
-            dirty = [(k, self._dump(k, self._rows[k])) for k in self._dirty if k in self._rows]
+            dirty = [(k, self._dump(k, self._current(k))) for k in self._dirty if k in self._rows]
             self._dirty.clear()
         if dirty:
             with self.index.transact():
@@ -264,7 +280,7 @@ class Store:
             st = os.stat(self.blob_path(sha256))
         except OSError:
             return False
-        return bool(expected == _fingerprint(st))
+        return bool(expected == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
 
     def lookup(
         self, bucket: str, key: str, version_id: str | None, *, memory_only: bool = False
@@ -273,28 +289,40 @@ class Store:
 
         With ``memory_only``, answers None unless every row is already in
         memory, so the caller can take its slow path without touching SQLite.
+        This is the hit path: plain dict lookups and one ``stat``.
         """
+        rows = self._rows
         checked_at = 0.0
         if version_id:
             tag = "v:" + version_id
         else:
-            cur = self._get(("cur", bucket, key), memory_only=memory_only)
-            if cur is None or cur is _MISSING:
+            cur = rows.get(("cur", bucket, key)) or (
+                None if memory_only else self._get(("cur", bucket, key))
+            )
+            if cur is None:
                 return None
             tag, checked_at = cur
         k = ("obj", bucket, key, tag)
-        entry = self._get(k, memory_only=memory_only)
-        if entry is None or entry is _MISSING:
+        entry = rows.get(k) or (None if memory_only else self._get(k))
+        if entry is None:
             return None
-        ok = self._blob_ok(entry.sha256, memory_only=memory_only)
-        if ok is None:
+        sha = entry.sha256
+        expected = rows.get(("blob", sha)) or (None if memory_only else self._get(("blob", sha)))
+        if expected is None and memory_only:
             return None
+        path = self._paths.get(sha) or self.blob_path(sha)
+        try:
+            st = os.stat(path)
+            ok = expected == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+        except OSError:
+            ok = False
         if not ok:
             # changed or gone under us: forget it so the next fetch replaces it
             self._delete(k)
             self._adjust(entries=-1)
             return None
-        return Hit(entry, self.blob_path(entry.sha256), checked_at)
+        last_access, pinned_until = self._pins.get(k) or (entry.last_access, entry.pinned_until)
+        return Hit(entry, path, checked_at, last_access, pinned_until)
 
     def totals(self) -> tuple[int, int]:
         """(entries, bytes of unique blobs) in the index."""
@@ -324,15 +352,18 @@ class Store:
         if cur is not None:
             self._set(("cur", bucket, key), (cur[0], time.time() if now is None else now))
 
-    def touch(self, bucket: str, key: str, entry: Entry, *, pinned_until: float) -> Entry:
-        """Note an access and extend the entry's pin (in memory until the next flush)."""
-        updated = replace(
-            entry, last_access=time.time(), pinned_until=max(pinned_until, entry.pinned_until)
-        )
-        self._set(
-            ("obj", bucket, key, self._tag(entry.etag, entry.version_id)), updated, durable=False
-        )
-        return updated
+    def touch(self, bucket: str, key: str, entry: Entry, *, pinned_until: float) -> float:
+        """Note an access and extend the entry's pin (in memory until the next flush).
+
+        Returns the entry's pin after the update.
+        """
+        k = ("obj", bucket, key, self._tag(entry.etag, entry.version_id))
+        with self._lock:
+            pin = max(pinned_until, entry.pinned_until, self._pins.get(k, (0.0, 0.0))[1])
+            if k in self._rows:
+                self._pins[k] = (time.time(), pin)
+                self._dirty.add(k)
+        return pin
 
     def discard_blob(self, sha256: str) -> None:
         """Delete a blob; rows that name it read as misses from now on."""
@@ -370,6 +401,7 @@ class Store:
             fingerprint = self._publish(staged, sha256, path, exists=bool(had_blob))
             with self.index.transact():
                 self._set(("blob", sha256), fingerprint)
+                self._pins.pop(obj_key, None)
                 self._set(obj_key, entry)
                 if not requested_version:  # a pinned version never moves what others see
                     self._set(("cur", bucket, key), (tag, now))

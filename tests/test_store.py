@@ -372,24 +372,35 @@ def test_touch_extends_pin_and_access(store: Store) -> None:
     """touch updates last_access and keeps the later of the two pins."""
     entry, _ = _commit(store, b"data", pinned_until=100.0)
     before = time.time()
-    updated = store.touch("bucket", "k", entry, pinned_until=500.0)
-    assert 500.0 == updated.pinned_until
-    assert before <= updated.last_access <= time.time()
-    assert entry.sha256 == updated.sha256
-    assert entry.fetched_at == updated.fetched_at
+    assert 500.0 == store.touch("bucket", "k", entry, pinned_until=500.0)
     hit = store.lookup("bucket", "k", None)
     assert hit is not None
-    assert updated == hit.entry
+    assert 500.0 == hit.pinned_until
+    assert before <= hit.last_access <= time.time()
+    assert (entry.sha256, entry.fetched_at) == (hit.entry.sha256, hit.entry.fetched_at)
+
+
+def test_touch_reaches_the_index_on_flush(tmp_path: Path) -> None:
+    """Pins live in memory until flush; after it a fresh Store sees them."""
+    first = Store(tmp_path / "c")
+    entry, _ = _commit(first, b"data", pinned_until=100.0)
+    first.touch("bucket", "k", entry, pinned_until=700.0)
+    assert 1 == first.flush()
+    first.close()
+    second = Store(tmp_path / "c")
+    hit = second.lookup("bucket", "k", None)
+    second.close()
+    assert hit is not None
+    assert 700.0 == hit.pinned_until
 
 
 def test_touch_never_shortens_pin(store: Store) -> None:
     """touch with an earlier pin keeps the existing, later one."""
     entry, _ = _commit(store, b"data", pinned_until=900.0)
-    updated = store.touch("bucket", "k", entry, pinned_until=10.0)
-    assert 900.0 == updated.pinned_until
+    assert 900.0 == store.touch("bucket", "k", entry, pinned_until=10.0)
     hit = store.lookup("bucket", "k", None)
     assert hit is not None
-    assert 900.0 == hit.entry.pinned_until
+    assert 900.0 == hit.pinned_until
 
 
 def test_touch_versioned_entry(store: Store) -> None:
@@ -398,7 +409,7 @@ def test_touch_versioned_entry(store: Store) -> None:
     store.touch("bucket", "k", entry, pinned_until=2.0)
     hit = store.lookup("bucket", "k", "v1")
     assert hit is not None
-    assert 2.0 == hit.entry.pinned_until
+    assert 2.0 == hit.pinned_until
 
 
 def test_discard_blob(store: Store) -> None:

@@ -151,11 +151,15 @@ class _Hasher:
         self.size += len(data)
 
 
-def _read_full(body: Body, buf: memoryview, deadline: float) -> int:
+def _read_full(
+    body: Body, buf: memoryview, deadline: float, stop: threading.Event | None = None
+) -> int:
     """Fill ``buf`` unless the body ends first; returns the bytes read."""
     n = 0
     while n < len(buf):
         _check_deadline(deadline, "downloading")
+        if stop is not None and stop.is_set():
+            raise Unavailable("assetd is shutting down")
         got = body.readinto(buf[n:])
         if not got:
             break
@@ -163,22 +167,30 @@ def _read_full(body: Body, buf: memoryview, deadline: float) -> int:
     return n
 
 
-def stream_body(body: Body, sink: BlobSink, meta: ObjectMeta, deadline: float) -> _Hasher:
+def stream_body(
+    body: Body,
+    sink: BlobSink,
+    meta: ObjectMeta,
+    deadline: float,
+    stop: threading.Event | None = None,
+) -> _Hasher:
     """Copy at most ``meta.size + 1`` bytes of ``body`` into ``sink``, hashing on the way."""
     hasher = _Hasher(sink, md5=meta.md5 is not None)
     limit = meta.size + 1  # one byte more than announced proves a lie without reading on
     if meta.size < PIPELINE_MIN_BYTES:
         buf = memoryview(bytearray(min(CHUNK, limit)))
         while hasher.size < limit:
-            n = _read_full(body, buf[: min(len(buf), limit - hasher.size)], deadline)
+            n = _read_full(body, buf[: min(len(buf), limit - hasher.size)], deadline, stop)
             if not n:
                 break
             hasher.feed(buf[:n])
         return hasher
-    return _stream_pipelined(body, hasher, limit, deadline)
+    return _stream_pipelined(body, hasher, limit, deadline, stop)
 
 
-def _stream_pipelined(body: Body, hasher: _Hasher, limit: int, deadline: float) -> _Hasher:
+def _stream_pipelined(
+    body: Body, hasher: _Hasher, limit: int, deadline: float, stop: threading.Event | None
+) -> _Hasher:
     free: queue.Queue[bytearray] = queue.Queue()
     full: queue.Queue[tuple[bytearray, int] | None] = queue.Queue()
     for _ in range(PIPELINE_BUFFERS):
@@ -202,7 +214,7 @@ def _stream_pipelined(body: Body, hasher: _Hasher, limit: int, deadline: float) 
         while read < limit and not failure:
             want = min(CHUNK, limit - read)
             buf = free.get()
-            n = _read_full(body, memoryview(buf)[:want], deadline)
+            n = _read_full(body, memoryview(buf)[:want], deadline, stop)
             if n:
                 full.put((buf, n))
                 read += n
@@ -223,6 +235,11 @@ class Fetcher(ABC):
         self.retry = retry or RetryPolicy()
         self.requests: Counter[str] = Counter()  # "head" / "get" sent to the backend
         self._lock = threading.Lock()
+        self.stopping = threading.Event()  # set at shutdown: downloads end with a clean error
+
+    def abort(self) -> None:
+        """Make in-flight and future fetches fail fast (daemon shutdown)."""
+        self.stopping.set()
 
     def _count(self, op: str) -> None:
         with self._lock:
@@ -267,7 +284,7 @@ class Fetcher(ABC):
         sink.reset()
         body = self._open(meta, deadline)
         try:
-            hasher = stream_body(body, sink, meta, deadline)
+            hasher = stream_body(body, sink, meta, deadline, self.stopping)
         finally:
             body.close()
         if hasher.size > meta.size:
@@ -287,6 +304,8 @@ class Fetcher(ABC):
         last: AssetError | None = None
         for n in range(1, self.retry.max_attempts + 1):
             _check_deadline(deadline, "contacting S3")
+            if self.stopping.is_set():
+                raise Unavailable("assetd is shutting down")
             try:
                 return attempt()
             except AssetError as exc:

@@ -1,0 +1,117 @@
+"""Logging: structlog, JSON lines to stderr, or the console renderer on a TTY.
+
+Events carry fields, never secrets: nothing here or upstream logs a
+credential, a presigned URL or a request signature.
+
+Info and debug lines are buffered and flushed every ``FLUSH_EVERY_S`` (and
+at exit): one ``write`` per resolve would cost the hit path more than the
+resolve itself. Warnings and errors are written through at once.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import sys
+import threading
+from typing import Any, TextIO
+
+import structlog
+
+__all__ = ["configure", "flush", "get_logger"]
+
+FLUSH_EVERY_S = 0.2
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class _Sink:
+    """Collects rendered lines; a timer thread writes them out in batches."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.lock = threading.Lock()
+        self.pending: list[str] = []
+        self.stop = threading.Event()
+        threading.Thread(target=self._loop, name="assetd-log", daemon=True).start()
+        atexit.register(self.flush)
+
+    def add(self, line: str, urgent: bool) -> None:
+        with self.lock:
+            self.pending.append(line)
+        if urgent:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:
+            lines, self.pending = self.pending, []
+            if lines:
+                try:
+                    self.stream.write("".join(lines))
+                    self.stream.flush()
+                except (OSError, ValueError):
+                    pass  # stderr gone (closed pipe): logging must never take the daemon down
+
+    def _loop(self) -> None:
+        while not self.stop.wait(FLUSH_EVERY_S):
+            self.flush()
+
+
+class _Logger:
+    """The structlog "logger": routes rendered lines to the sink by level."""
+
+    def __init__(self, sink: _Sink) -> None:
+        self.sink = sink
+
+    def _plain(self, message: str) -> None:
+        self.sink.add(message + "\n", urgent=False)
+
+    def _urgent(self, message: str) -> None:
+        self.sink.add(message + "\n", urgent=True)
+
+    debug = info = msg = _plain
+    warning = warn = error = err = critical = exception = fatal = _urgent
+
+
+_sink: _Sink | None = None
+
+
+def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
+    """Set up structlog once for the process; ``fmt`` is auto, json or console."""
+    global _sink
+    stream = sys.stderr if stream is None else stream
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=False)
+        if console
+        else structlog.processors.JSONRenderer(sort_keys=False)
+    )
+    if _sink is not None:
+        _sink.flush()
+        _sink.stop.set()
+    sink = _sink = _Sink(stream)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=lambda *args: _Logger(sink),
+        cache_logger_on_first_use=True,
+    )
+
+
+def flush() -> None:
+    """Write out buffered lines now (shutdown, tests)."""
+    if _sink is not None:
+        _sink.flush()
+
+
+def get_logger(name: str = "assetd") -> Any:
+    return structlog.get_logger(name)

@@ -1,0 +1,574 @@
+"""The daemon: protocol v1 on a Unix socket, in front of the core service.
+
+One asyncio event loop owns every connection. A fresh cache hit is answered
+on the loop itself (dict lookups and one ``stat``), so hits never wait for a
+thread. Anything that may block, a miss, a revalidation, ``stats`` or a
+prefetch, runs on a bounded thread pool, and answers go back in request
+order per connection. Fetches run on the service's own pool, one download
+per object (single-flight).
+
+Signals: SIGTERM/SIGINT stop accepting, let in-flight requests finish within
+the grace period, then fail what is left with a clean error. SIGHUP reloads
+the allowlists and limits without dropping connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import stat
+import struct
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from typing import Any
+
+from assetd import __version__, systemd
+from assetd.config import Config, load_config
+from assetd.errors import AssetError, BadRequest, ConfigError, Forbidden, InternalError, Timeout
+from assetd.log import flush as flush_logs
+from assetd.log import get_logger
+from assetd.metrics import Metrics, PrometheusExport
+from assetd.protocol import (
+    MAX_LINE,
+    Request,
+    Resolved,
+    decode_request,
+    encode,
+    encode_resolved,
+    error_response,
+    ok_response,
+    peek_id,
+)
+from assetd.service import AssetService
+
+__all__ = ["Daemon", "bind_socket"]
+
+log = get_logger("assetd.server")
+_PEERCRED = struct.Struct("3i")
+_MAX_PIPELINED = 64  # answers owed on one connection before we stop reading it
+FLUSH_EVERY_S = 1.0
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop when installed: it cuts the per-request loop overhead to a fraction."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def bind_socket(path: str, mode: int, group: str | None) -> socket.socket:
+    """Listen on ``path``, replacing a stale socket file but nothing else."""
+    parent = os.path.dirname(path) or "."
+    os.makedirs(parent, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        st = os.lstat(path)
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ConfigError(f"daemon.socket: {path} exists and is not a socket")
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # nobody listening: left behind by a crash
+        else:
+            raise ConfigError(f"daemon.socket: another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)  # no window in which the socket is wider than asked
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    if group:
+        import grp
+
+        try:
+            gid = grp.getgrnam(group).gr_gid
+        except KeyError:
+            sock.close()
+            os.unlink(path)
+            raise ConfigError(f"daemon.socket_group: no group named {group!r}") from None
+        os.chown(path, -1, gid)
+    sock.listen(1024)
+    return sock
+
+
+def _peer_groups(pid: int) -> set[int]:
+    """Supplementary groups of the peer process, best effort."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Groups:"):
+                    return {int(g) for g in line.split()[1:]}
+    except (OSError, ValueError):
+        pass
+    return set()
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, daemon: Daemon) -> None:
+        self.daemon = daemon
+        self.buf = bytearray()
+        self.owed: deque[asyncio.Future[bytes]] = deque()
+        self.transport: asyncio.Transport | None = None
+        self.allowed = True
+        self.closing = False
+        self.paused = False
+
+    # -- transport callbacks ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.daemon.connections.add(self)
+        sock = transport.get_extra_info("socket")
+        try:
+            pid, uid, gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+        except OSError:
+            pid, uid, gid = 0, -1, -1
+        self.allowed = self.daemon.peer_allowed(pid, uid, gid)
+        if not self.allowed:
+            log.warning("peer refused", pid=pid, uid=uid, gid=gid)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.daemon.connections.discard(self)
+        self.closing = True
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while not self.closing:
+            nl = self.buf.find(b"\n")
+            if nl < 0:
+                if len(self.buf) > MAX_LINE:
+                    self._fatal(BadRequest(f"request line longer than {MAX_LINE} bytes"))
+                return
+            if nl > MAX_LINE:
+                self._fatal(BadRequest(f"request line longer than {MAX_LINE} bytes"))
+                return
+            line = bytes(self.buf[:nl])
+            del self.buf[: nl + 1]
+            self._handle(line)
+
+    def eof_received(self) -> bool:
+        return True  # half-close: still answer what was asked, then close in _drain
+
+    # -- answers, in request order ------------------------------------------
+
+    def _owe(self, future: asyncio.Future[bytes]) -> None:
+        self.owed.append(future)
+        future.add_done_callback(lambda _f: self._drain())
+        if len(self.owed) > _MAX_PIPELINED and self.transport and not self.paused:
+            self.transport.pause_reading()
+            self.paused = True
+
+    def _answer_now(self, message: dict[str, Any]) -> None:
+        self._write_now(encode(message))
+
+    def _write_now(self, data: bytes) -> None:
+        if not self.owed and self.transport is not None:
+            # nothing owed before it: write now rather than a loop turn later
+            if not self.transport.is_closing():
+                self.transport.write(data)
+            if self.closing:
+                self.transport.close()
+            return
+        future = self.daemon.loop.create_future()
+        future.set_result(data)
+        self._owe(future)
+
+    def _drain(self) -> None:
+        transport = self.transport
+        while self.owed and self.owed[0].done():
+            future = self.owed.popleft()
+            if transport is not None and not transport.is_closing() and not future.cancelled():
+                transport.write(future.result())
+        if self.paused and len(self.owed) <= _MAX_PIPELINED // 2 and transport is not None:
+            transport.resume_reading()
+            self.paused = False
+        if self.closing and not self.owed and transport is not None:
+            transport.close()
+
+    def _fatal(self, err: AssetError) -> None:
+        """Answer one last error, then close: the stream can no longer be trusted."""
+        self.daemon.count_error("bad_request" if isinstance(err, BadRequest) else err.code)
+        self._answer_now(error_response(None, err))
+        self.closing = True
+        self.buf.clear()
+        self._drain()
+
+    # -- requests -------------------------------------------------------------
+
+    def _handle(self, line: bytes) -> None:
+        started = time.perf_counter()
+        daemon = self.daemon
+        if not self.allowed:
+            err = Forbidden("this user or group may not use assetd")
+            daemon.count_error(err.code)
+            self._answer_now(error_response(peek_id(line), err))
+            self.closing = True
+            self._drain()
+            return
+        try:
+            req = decode_request(line)
+        except BadRequest as err:
+            daemon.count_error(err.code)
+            daemon.metrics.observe("invalid", err.code, time.perf_counter() - started)
+            self._answer_now(error_response(peek_id(line), err))
+            return
+        if req.op == "ping":
+            self._answer_now(ok_response(req.id, {"version": __version__}))
+        elif req.op == "resolve":
+            self._resolve(req, started)
+        else:
+            self._owe(daemon.offload(req, started))
+
+    def _resolve(self, req: Request, started: float) -> None:
+        daemon = self.daemon
+        try:
+            hit = daemon.service.try_hit(req.source, req.version_id)
+        except AssetError as err:
+            message, took = daemon.resolve_answer(req, None, err, started)
+            self._answer_now(message)
+            daemon.log_resolve(req, None, err, took)  # after the answer left: keep it off the path
+            return
+        if hit is not None:
+            self._write_now(encode_resolved(req.id, hit))
+            took = time.perf_counter() - started
+            daemon.metrics.observe("resolve", hit.cache, took)
+            daemon.log_resolve(req, hit, None, took)
+        else:
+            self._owe(daemon.offload(req, started))
+
+
+class Daemon:
+    """Owns the socket, the event loop, the service and the signals."""
+
+    def __init__(self, config: Config, service: AssetService, *, grace_s: float = 10.0) -> None:
+        self.config = config
+        self.service = service
+        self.grace_s = grace_s
+        self.metrics = Metrics()
+        self.connections: set[_Connection] = set()
+        self.loop: asyncio.AbstractEventLoop = _new_loop()
+        self.requests = ThreadPoolExecutor(
+            max(64, 4 * config.daemon.workers), thread_name_prefix="assetd-req"
+        )
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._stop: asyncio.Event | None = None
+        self._socket_path: str | None = None
+        self._socket_ino: int | None = None
+        self.export = PrometheusExport(
+            self.stats, self.metrics, listen=config.metrics.listen, textfile=config.metrics.textfile
+        )
+
+    # -- policy of the socket itself ------------------------------------------
+
+    def peer_allowed(self, pid: int, uid: int, gid: int) -> bool:
+        uids, gids = self.config.daemon.allowed_uids, self.config.daemon.allowed_gids
+        if not uids and not gids:
+            return True  # the socket's mode and group are the gate
+        if uid in uids or gid in gids:
+            return True
+        return bool(gids) and bool(_peer_groups(pid) & set(gids))
+
+    def count_error(self, code: str) -> None:
+        with self.service._lock:
+            self.service.errors[code] += 1
+
+    # -- answers ----------------------------------------------------------------
+
+    def resolve_answer(
+        self, req: Request, res: Resolved | None, err: AssetError | None, started: float
+    ) -> tuple[dict[str, Any], float]:
+        """The answer to a resolve, and how long it took; records the latency."""
+        took = time.perf_counter() - started
+        if res is not None:
+            self.metrics.observe("resolve", res.cache, took)
+            return ok_response(req.id, res.to_dict()), took
+        assert err is not None
+        self.metrics.observe("resolve", err.code, took)
+        return error_response(req.id, err), took
+
+    @staticmethod
+    def log_resolve(
+        req: Request, res: Resolved | None, err: AssetError | None, took: float
+    ) -> None:
+        """One event per resolve: which job got which bytes, or which error."""
+        if res is not None:
+            log.info(
+                "resolve",
+                source=req.source,
+                version_id=res.version_id,
+                job=req.job,
+                cache=res.cache,
+                sha256=res.sha256,
+                bytes=res.size,
+                ms=round(took * 1000, 3),
+            )
+        elif err is not None:
+            log.info(
+                "resolve",
+                source=req.source,
+                version_id=req.version_id,
+                job=req.job,
+                error=err.code,
+                detail=err.detail,
+                ms=round(took * 1000, 3),
+            )
+
+    def offload(self, req: Request, started: float) -> asyncio.Future[bytes]:
+        """Run a request that may block on the request pool; its answer as a future."""
+        self.in_flight += 1
+        self._idle.clear()
+        future = self.loop.run_in_executor(self.requests, self._blocking, req, started)
+        future.add_done_callback(self._done)
+        return future
+
+    def _done(self, _future: asyncio.Future[bytes]) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def _remaining(self, req: Request, started: float) -> float:
+        budget = req.timeout_s if req.timeout_s is not None else self.config.s3.deadline_s
+        left = budget - (time.perf_counter() - started)
+        if left <= 0:
+            raise Timeout("deadline passed while the request waited for a worker")
+        return left
+
+    def _blocking(self, req: Request, started: float) -> bytes:
+        try:
+            if req.op == "resolve":
+                return encode(self._resolve_blocking(req, started))
+            if req.op == "prefetch":
+                return encode(self._prefetch(req, started))
+            if req.op == "stats":
+                body = self.stats()
+                self.metrics.observe("stats", "ok", time.perf_counter() - started)
+                return encode(ok_response(req.id, body))
+            raise BadRequest(f"unknown op '{req.op}'")
+        except AssetError as err:
+            return encode(error_response(req.id, err))
+        except Exception as exc:  # a bug: answer and keep serving
+            log.exception("request failed", op=req.op)
+            return encode(
+                error_response(req.id, InternalError("internal error in assetd", detail=repr(exc)))
+            )
+
+    def _resolve_blocking(self, req: Request, started: float) -> dict[str, Any]:
+        res: Resolved | None = None
+        err: AssetError | None = None
+        try:
+            res = self.service.resolve(
+                req.source, req.version_id, timeout_s=self._remaining(req, started)
+            )
+        except AssetError as exc:
+            err = exc
+        message, took = self.resolve_answer(req, res, err, started)
+        self.log_resolve(req, res, err, took)
+        return message
+
+    def _prefetch(self, req: Request, started: float) -> dict[str, Any]:
+        futures = []
+        for item in req.sources:
+            one = Request("resolve", None, item.source, item.version_id, req.timeout_s, req.job)
+            futures.append(self.service._pool.submit(self._resolve_blocking, one, started))
+        results = []
+        for f in futures:
+            answer = f.result()
+            answer.pop("id", None)
+            results.append(answer)
+        self.metrics.observe("prefetch", "ok", time.perf_counter() - started)
+        return ok_response(req.id, {"results": results})
+
+    def stats(self) -> dict[str, Any]:
+        entries, size = self.service.store.totals()
+        c = self.service.counters
+        with self.service._lock:
+            errors = dict(self.service.errors)
+        return {
+            "entries": entries,
+            "bytes": size,
+            "hits": c["hits"],
+            "misses": c["misses"],
+            "coalesced": c["coalesced"],
+            "stale": c["stale"],
+            "errors": errors,
+            "bytes_fetched": c["bytes_fetched"],
+            "s3_requests": {
+                "head": self.service.fetcher.requests["head"],
+                "get": self.service.fetcher.requests["get"],
+            },
+            "in_flight": self.in_flight,
+            "connections": len(self.connections),
+            "uptime_s": round(time.time() - self.metrics.started, 3),
+            "version": __version__,
+            "latency": self.metrics.summary(),
+        }
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config; apply allowlists, limits and freshness."""
+        try:
+            fresh = load_config(self.config.path)
+        except ConfigError as exc:
+            log.error("reload failed; keeping the running config", error=str(exc))
+            return
+        fixed = {
+            name
+            for name, value in fresh.values().items()
+            if name.split(".")[0] in ("cache", "daemon", "metrics", "log")
+            and name not in _RELOADABLE
+            and value != self.config.values()[name]
+        }
+        if fixed:
+            log.warning("reload: these keys need a restart", keys=sorted(fixed))
+        daemon = replace(
+            self.config.daemon,
+            allowed_uids=fresh.daemon.allowed_uids,
+            allowed_gids=fresh.daemon.allowed_gids,
+        )
+        cache = replace(
+            self.config.cache,
+            **{
+                k.split(".")[1]: getattr(fresh.cache, k.split(".")[1])
+                for k in _RELOADABLE
+                if k.startswith("cache.")
+            },
+        )
+        self.config = replace(fresh, daemon=daemon, cache=cache)
+        self.service.reconfigure(replace(self.service.config, s3=fresh.s3, cache=cache))
+        log.info(
+            "reloaded",
+            allowed_buckets=list(fresh.s3.allowed_buckets),
+            allowed_prefixes=list(fresh.s3.allowed_prefixes),
+            max_object_bytes=fresh.s3.max_object_bytes,
+        )
+
+    def _listen(self) -> socket.socket:
+        activated = systemd.listen_fds()
+        if activated:
+            return activated[0]  # systemd owns the path: never unlink it
+        sock = bind_socket(
+            self.config.daemon.socket,
+            self.config.daemon.socket_mode,
+            self.config.daemon.socket_group,
+        )
+        self._socket_path = self.config.daemon.socket
+        self._socket_ino = os.stat(self._socket_path).st_ino
+        return sock
+
+    def _unlink_socket(self) -> None:
+        if self._socket_path is None:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self._socket_path).st_ino == self._socket_ino:
+                os.unlink(self._socket_path)
+
+    def request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit status."""
+        asyncio.set_event_loop(self.loop)
+        try:
+            return self.loop.run_until_complete(self._main())
+        finally:
+            self.loop.close()
+
+    async def _main(self) -> int:
+        self._stop = asyncio.Event()
+        sock = self._listen()
+        server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self._stop.set)
+        self.loop.add_signal_handler(signal.SIGHUP, self.reload)
+        self.export.start()
+        tasks = [asyncio.ensure_future(self._flush_loop())]
+        interval = systemd.watchdog_interval()
+        if interval:
+            tasks.append(asyncio.ensure_future(self._watchdog(interval)))
+        if not self.config.s3.allowed_buckets:
+            log.warning("no allowed_buckets: any bucket the credentials reach can be fetched")
+        log.info(
+            "ready",
+            socket=self._socket_path or "systemd socket activation",
+            cache=str(self.service.store.root),
+            version=__version__,
+        )
+        systemd.notify("READY=1\nSTATUS=serving")
+        await self._stop.wait()
+
+        systemd.notify("STOPPING=1")
+        log.info("stopping", in_flight=self.in_flight, grace_s=self.grace_s)
+        server.close()
+        self._unlink_socket()
+        if self.in_flight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), self.grace_s)
+        self.service.fetcher.abort()  # what is left ends with a clean error, no partial blob
+        if self.in_flight:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), 5.0)
+        for conn in list(self.connections):
+            conn.closing = True
+            conn._drain()
+        await asyncio.sleep(0)
+        for task in tasks:
+            task.cancel()
+        await self.loop.run_in_executor(None, self._close)
+        log.info("stopped")
+        flush_logs()
+        return 0
+
+    def _close(self) -> None:
+        self.export.stop()
+        self.requests.shutdown(wait=True, cancel_futures=True)
+        self.service.close()
+        self.service.store.close()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            await self.loop.run_in_executor(None, self.service.store.flush)
+
+    async def _watchdog(self, interval: float) -> None:
+        while True:
+            systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+
+_RELOADABLE = frozenset(
+    {
+        "daemon.allowed_uids",
+        "daemon.allowed_gids",
+        "cache.pin_seconds",
+        "cache.revalidate_after_s",
+        "cache.serve_stale_on_error",
+        "cache.negative_ttl_s",
+        "cache.max_bytes",
+        "cache.min_free_bytes",
+    }
+)
+
+
+def build_daemon(config: Config, *, grace_s: float = 10.0) -> Daemon:
+    """Wire the real parts: store, S3 fetcher, service, daemon."""
+    from assetd.fetcher.s3 import S3Fetcher
+    from assetd.store import Store
+
+    store = Store(config.cache.dir)
+    fetcher = S3Fetcher(config.s3, max_connections=max(16, config.daemon.workers * 2))
+    return Daemon(config, AssetService(config, fetcher, store), grace_s=grace_s)
