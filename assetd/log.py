@@ -77,12 +77,11 @@ class _Logger:
     warning = warn = error = err = critical = exception = fatal = _urgent
 
 
-_sink: _Sink | None = None
+_sinks: list[_Sink] = []  # the current sink, if configured
 
 
 def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     """Set up structlog once for the process; ``fmt`` is auto, json or console."""
-    global _sink
     stream = sys.stderr if stream is None else stream
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     renderer: Any = (
@@ -90,10 +89,11 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         if console
         else structlog.processors.JSONRenderer(sort_keys=False)
     )
-    if _sink is not None:
-        _sink.flush()
-        _sink.stop.set()
-    sink = _sink = _Sink(stream)
+    flush()
+    for old in _sinks:
+        old.stop.set()
+    sink = _Sink(stream)
+    _sinks[:] = [sink]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -109,8 +109,8 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
 
 def flush() -> None:
     """Write out buffered lines now (shutdown, tests)."""
-    if _sink is not None:
-        _sink.flush()
+    for sink in _sinks:
+        sink.flush()
 
 
 def get_logger(name: str = "assetd") -> Any:

@@ -205,10 +205,9 @@ def error_response(rid: RequestId, err: AssetError) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _resolved_fields(
-    source: str, path: Path, size: int, sha256: str, etag: str, version_id: str | None, cache: str
-) -> str:
+def _resolved_fields(fields: tuple[str, Path, int, str, str, str | None, str]) -> str:
     """The JSON members of a resolve answer that stay the same from one hit to the next."""
+    source, path, size, sha256, etag, version_id, cache = fields
     body = {
         "source": source,
         "path": str(path),
@@ -231,7 +230,7 @@ def encode_resolved(rid: RequestId, res: Resolved) -> bytes:
         + ","
     )
     fields = _resolved_fields(
-        res.source, res.path, res.size, res.sha256, res.etag, res.version_id, res.cache
+        (res.source, res.path, res.size, res.sha256, res.etag, res.version_id, res.cache)
     )
     return f'{head}"ok":true,{fields},"pinned_until":{res.pinned_until!r}}}\n'.encode()
 

@@ -159,7 +159,10 @@ class _Connection(asyncio.Protocol):
             self._handle(line)
 
     def eof_received(self) -> bool:
-        return True  # half-close: still answer what was asked, then close in _drain
+        # half-close: answer what was already asked, then close (in _drain)
+        self.closing = True
+        self._drain()
+        return True
 
     # -- answers, in request order ------------------------------------------
 

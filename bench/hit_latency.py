@@ -35,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.support.seaweedfs import READER_KEY, SeaweedFS, clean_env  # noqa: E402
+from tests.support.seaweedfs import READER_KEY, SeaweedFS, clean_env
 
 BUCKET = "bench-assets"
 KEY = "datasets/hit.csv"
@@ -197,7 +197,8 @@ def main() -> None:
         conf.write_text(
             f'[daemon]\nsocket = "{sock_path}"\n[cache]\ndir = "{work / "cache"}"\n'
             f'[s3]\nendpoint_url = "{weed.endpoint_url}"\nregion = "us-east-1"\n'
-            f'addressing_style = "path"\nallowed_buckets = ["{BUCKET}"]\n[log]\nformat = "json"\nlevel = "{LOG_LEVEL}"\n'
+            f'addressing_style = "path"\nallowed_buckets = ["{BUCKET}"]\n'
+            f'[log]\nformat = "json"\nlevel = "{LOG_LEVEL}"\n'
         )
         env = clean_env(AWS_ACCESS_KEY_ID=READER_KEY[0], AWS_SECRET_ACCESS_KEY=READER_KEY[1])
         with (work / "daemon.log").open("wb") as log:

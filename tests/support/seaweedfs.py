@@ -23,6 +23,9 @@ from typing import Any
 
 ADMIN_KEY = ("assetd-admin", "assetd-admin-secret")
 READER_KEY = ("assetd-reader", "assetd-reader-secret")
+# may read only SCOPED_BUCKET: anything else answers 403, as a scoped IAM role does
+SCOPED_KEY = ("assetd-scoped", "assetd-scoped-secret")
+SCOPED_BUCKET = "autograder-assets"
 SERVICES = ("master", "volume", "filer", "s3", "admin")
 
 
@@ -117,6 +120,11 @@ class SeaweedFS:
                     "name": "reader",
                     "credentials": [{"accessKey": READER_KEY[0], "secretKey": READER_KEY[1]}],
                     "actions": ["Read", "List"],
+                },
+                {
+                    "name": "scoped",
+                    "credentials": [{"accessKey": SCOPED_KEY[0], "secretKey": SCOPED_KEY[1]}],
+                    "actions": [f"Read:{SCOPED_BUCKET}", f"List:{SCOPED_BUCKET}"],
                 },
             ]
         }

@@ -1,0 +1,124 @@
+"""Run the real daemon (`python -m assetd serve`) as a subprocess for tests."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.support.seaweedfs import clean_env
+
+
+def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
+    """A TOML config from nested dicts (strings, numbers, bools, lists of those)."""
+    lines = []
+    for section, values in sections.items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@dataclass
+class DaemonProcess:
+    """One `assetd serve`; stderr (its JSON log) goes to ``log_path``."""
+
+    config: Path
+    socket_path: str
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    grace: float = 5.0
+    proc: subprocess.Popen[bytes] | None = None
+    argv_prefix: list[str] = field(default_factory=list)
+    pass_fds: tuple[int, ...] = ()
+
+    def start(self, timeout: float = 30.0) -> DaemonProcess:
+        argv = [
+            *self.argv_prefix,
+            sys.executable,
+            "-m",
+            "assetd",
+            "serve",
+            "--config",
+            str(self.config),
+            "--grace",
+            str(self.grace),
+        ]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                argv,
+                env=clean_env(**self.env),
+                stderr=log,
+                stdout=log,
+                pass_fds=self.pass_fds,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited {self.proc.returncode}: {self.log()}")
+            with contextlib.suppress(OSError):
+                if self.request({"op": "ping"}).get("ok"):
+                    return self
+            time.sleep(0.05)
+        self.kill()
+        raise RuntimeError(f"daemon not ready after {timeout}s: {self.log()}")
+
+    def request(self, message: dict[str, Any], timeout: float = 30.0) -> dict[str, Any]:
+        """One request on a fresh connection."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(timeout)
+            sock.connect(self.socket_path)
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            answer: dict[str, Any] = json.loads(sock.makefile("rb").readline())
+            return answer
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def signal(self, sig: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        code = self.proc.returncode
+        self.proc = None
+        return code
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def socket_dir(base: Path) -> Path:
+    """A short, world-traversable directory for sockets (tmp_path is 0700 and long)."""
+    path = Path(os.path.realpath(base))
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o755)
+    return path
