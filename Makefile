@@ -4,7 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: all venv test lint unit integration demo bench clean
+# Debian packages the tests need: systemd-analyze (unit checks).
+APT_PACKAGES := systemd
+APT_COMMANDS := systemd-analyze
+
+.PHONY: all venv sysdeps test lint unit integration demo bench clean
 
 all: test
 
@@ -16,12 +20,20 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+sysdeps:
+	@missing=""; for c in $(APT_COMMANDS); do command -v $$c >/dev/null 2>&1 || missing=1; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages: $(APT_PACKAGES)"; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $(APT_PACKAGES); \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check assetd tests bench examples
 	$(BIN)/ruff format --check assetd tests bench examples
 	$(BIN)/mypy
 
-test: lint
+test: lint sysdeps
 	$(BIN)/pytest -q
 
 unit: $(STAMP)
@@ -35,6 +47,7 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/cold_fetch.py
+	$(BIN)/python bench/hit_latency.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
