@@ -15,7 +15,7 @@ import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from assetd.errors import AssetError, BadRequest, Unavailable
+from assetd.errors import AssetError, BadRequest, InternalError, Unavailable
 from assetd.protocol import Resolved
 
 __all__ = ["DEFAULT_SOCKET", "AssetdClient", "DaemonUnreachable"]
@@ -104,7 +104,14 @@ class AssetdClient:
                     # a kept connection may predate a daemon restart: one fresh try
                     if fresh or attempt == 2:
                         raise DaemonUnreachable(self.socket_path, str(exc)) from exc
-        reply: dict[str, Any] = json.loads(answer)
+        try:
+            reply = json.loads(answer)
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict):
+            raise InternalError(
+                f"{self.socket_path} answered something that is not assetd's protocol"
+            )
         return reply
 
     def _checked(self, request: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:

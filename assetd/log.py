@@ -62,16 +62,19 @@ class _Sink:
 
 
 class _Logger:
-    """The structlog "logger": routes rendered lines to the sink by level."""
+    """The structlog "logger": routes rendered lines to the current sink by level.
 
-    def __init__(self, sink: _Sink) -> None:
-        self.sink = sink
+    The sink is looked up per line, so loggers that structlog cached before
+    a reconfigure still follow it.
+    """
 
     def _plain(self, message: str) -> None:
-        self.sink.add(message + "\n", urgent=False)
+        if _sinks:
+            _sinks[0].add(message + "\n", urgent=False)
 
     def _urgent(self, message: str) -> None:
-        self.sink.add(message + "\n", urgent=True)
+        if _sinks:
+            _sinks[0].add(message + "\n", urgent=True)
 
     debug = info = msg = _plain
     warning = warn = error = err = critical = exception = fatal = _urgent
@@ -92,8 +95,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
     flush()
     for old in _sinks:
         old.stop.set()
-    sink = _Sink(stream)
-    _sinks[:] = [sink]
+    _sinks[:] = [_Sink(stream)]
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -102,7 +104,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=lambda *args: _Logger(sink),
+        logger_factory=lambda *args: _Logger(),
         cache_logger_on_first_use=True,
     )
 

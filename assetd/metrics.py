@@ -48,16 +48,20 @@ class Histogram:
         self.n += 1
 
     def quantile(self, q: float) -> float | None:
-        """Upper bound of the bucket holding quantile ``q``; None when empty."""
+        """Upper bound of the bucket holding quantile ``q``.
+
+        None when empty, or when the quantile is above the largest bucket
+        (60 s): JSON has no infinity, and ``stats`` must stay strict JSON.
+        """
         if not self.n:
             return None
         rank = q * self.n
         seen = 0
-        for i, c in enumerate(self.counts):
+        for i, c in enumerate(self.counts[: len(BUCKETS)]):
             seen += c
             if seen >= rank:
-                return BUCKETS[i] if i < len(BUCKETS) else float("inf")
-        return float("inf")
+                return BUCKETS[i]
+        return None
 
 
 class Metrics:
@@ -181,4 +185,5 @@ class PrometheusExport:
         self._stop.set()
         if self._server is not None:
             self._server.shutdown()
+            self._server.server_close()
         self.write_textfile()

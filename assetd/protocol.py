@@ -149,7 +149,7 @@ def peek_id(line: bytes) -> RequestId:
     try:
         obj = json.loads(line)
         return _request_id(obj) if isinstance(obj, dict) else None
-    except (ValueError, AssetError):
+    except (ValueError, RecursionError, AssetError):
         return None
 
 
@@ -165,7 +165,7 @@ def decode_request(line: bytes) -> Request:
         raise BadRequest("empty request line")
     try:
         obj = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: "[[[[…" nested past the C stack
         raise BadRequest("request line is not valid JSON") from None
     if not isinstance(obj, dict):
         raise BadRequest("request must be a JSON object")
@@ -237,4 +237,8 @@ def encode_resolved(rid: RequestId, res: Resolved) -> bytes:
 
 def encode(message: dict[str, Any]) -> bytes:
     """One response line, newline included."""
-    return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    try:
+        return json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"
+    except UnicodeEncodeError:
+        # a lone surrogate ("\ud800" in the request) echoed in a message: escape it
+        return json.dumps(message, separators=(",", ":")).encode() + b"\n"

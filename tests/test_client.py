@@ -74,7 +74,9 @@ class FakeDaemon:
 
         self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
         self.server.daemon_threads = True
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
+        )
 
     def __enter__(self) -> FakeDaemon:
         self.thread.start()
