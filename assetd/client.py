@@ -21,6 +21,8 @@ from assetd.protocol import Resolved
 __all__ = ["DEFAULT_SOCKET", "AssetdClient", "DaemonUnreachable"]
 
 DEFAULT_SOCKET = "/run/assetd/assetd.sock"
+# longer than the daemon's default deadline (s3.deadline_s = 120): let it answer timeout
+DEFAULT_TIMEOUT_S = 150.0
 
 
 class DaemonUnreachable(Unavailable):
@@ -37,7 +39,7 @@ class DaemonUnreachable(Unavailable):
 class AssetdClient:
     """Talk to assetd over its Unix socket; safe to share between threads."""
 
-    def __init__(self, socket_path: str | None = None, timeout: float = 60.0) -> None:
+    def __init__(self, socket_path: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
         self.socket_path = socket_path or os.environ.get("ASSETD_SOCKET") or DEFAULT_SOCKET
         self.timeout = timeout
         self._sock: socket.socket | None = None

@@ -184,7 +184,9 @@ def decode_request(line: bytes) -> Request:
             job=job,
         )
     if op == "prefetch":
-        return Request(op, rid, sources=_prefetch_items(obj), timeout_s=_timeout(obj))
+        return Request(
+            op, rid, sources=_prefetch_items(obj), timeout_s=_timeout(obj), job=_opt_str(obj, "job")
+        )
     if op in OPS:
         return Request(op, rid)
     raise BadRequest(f"unknown op '{op[:64]}'")

@@ -156,7 +156,16 @@ class _Connection(asyncio.Protocol):
                 return
             line = bytes(self.buf[:nl])
             del self.buf[: nl + 1]
-            self._handle(line)
+            try:
+                self._handle(line)
+            except Exception as exc:  # a bug: answer internal, keep the connection and the daemon
+                log.exception("request failed")
+                self.daemon.count_error("internal")
+                self._answer_now(
+                    error_response(
+                        peek_id(line), InternalError("internal error in assetd", detail=repr(exc))
+                    )
+                )
 
     def eof_received(self) -> bool:
         # half-close: answer what was already asked, then close (in _drain)
@@ -265,6 +274,11 @@ class Daemon:
         self.requests = ThreadPoolExecutor(
             max(64, 4 * config.daemon.workers), thread_name_prefix="assetd-req"
         )
+        # prefetch entries wait on downloads: on a pool of their own, never the
+        # one the downloads (or the prefetch request itself) need
+        self.prefetches = ThreadPoolExecutor(
+            max(8, 2 * config.daemon.workers), thread_name_prefix="assetd-prefetch"
+        )
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._stop: asyncio.Event | None = None
@@ -372,11 +386,15 @@ class Daemon:
         res: Resolved | None = None
         err: AssetError | None = None
         try:
-            res = self.service.resolve(
-                req.source, req.version_id, timeout_s=self._remaining(req, started)
-            )
-        except AssetError as exc:
+            left = self._remaining(req, started)
+        except Timeout as exc:
+            self.count_error(exc.code)  # never reached the service, which counts the rest
             err = exc
+        else:
+            try:
+                res = self.service.resolve(req.source, req.version_id, timeout_s=left)
+            except AssetError as exc:
+                err = exc
         message, took = self.resolve_answer(req, res, err, started)
         self.log_resolve(req, res, err, took)
         return message
@@ -385,7 +403,7 @@ class Daemon:
         futures = []
         for item in req.sources:
             one = Request("resolve", None, item.source, item.version_id, req.timeout_s, req.job)
-            futures.append(self.service._pool.submit(self._resolve_blocking, one, started))
+            futures.append(self.prefetches.submit(self._resolve_blocking, one, started))
         results = []
         for f in futures:
             answer = f.result()
@@ -539,6 +557,7 @@ class Daemon:
     def _close(self) -> None:
         self.export.stop()
         self.requests.shutdown(wait=True, cancel_futures=True)
+        self.prefetches.shutdown(wait=True, cancel_futures=True)
         self.service.close()
         self.service.store.close()
 

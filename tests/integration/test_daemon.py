@@ -209,6 +209,19 @@ def test_prefetch_mixed(make_daemon: Factory) -> None:
     assert results[2]["error"]["code"] in ("malformed_uri", "unsupported_scheme")
 
 
+def test_prefetch_more_sources_than_workers(make_daemon: Factory, s3: Any) -> None:
+    """A prefetch of more cold sources than download workers completes; none time out."""
+    keys = [f"datasets/many/{i}.csv" for i in range(12)]
+    for i, key in enumerate(keys):
+        s3.put_object(Bucket=BUCKET, Key=key, Body=b"n,%d\n" % i)
+    d = make_daemon(daemon={"workers": 2})
+    answer = d.request(
+        {"op": "prefetch", "sources": [f"s3://{BUCKET}/{k}" for k in keys], "timeout_s": 20},
+        timeout=40,
+    )
+    assert ["miss"] * 12 == [r.get("cache") for r in answer["results"]]
+
+
 def test_prefetch_bad_request(make_daemon: Factory) -> None:
     """prefetch without a list of sources is bad_request."""
     d = make_daemon()
