@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import json
 import os
-import socketserver
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,42 +16,12 @@ import pytest
 from click.testing import CliRunner, Result
 
 from assetd.cli import cli
+from tests.support.fakedaemon import FakeDaemon, Script
 
 REPO = Path(__file__).resolve().parents[1]
 SHA = "cd" * 32
 UNREACHABLE_PREFIX = "cannot reach assetd at "
 UNREACHABLE_SUFFIX = "is the service running?"
-
-Script = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class FakeDaemon:
-    """A tiny daemon on a Unix socket: answers each request line with ``script(request)``."""
-
-    def __init__(self, path: str, script: Script) -> None:
-        self.requests: list[dict[str, Any]] = []
-        fake = self
-
-        class Handler(socketserver.StreamRequestHandler):
-            def handle(self) -> None:
-                for line in self.rfile:
-                    request = json.loads(line)
-                    fake.requests.append(request)
-                    body = {"id": request.get("id"), "ok": True, **script(request)}
-                    self.wfile.write(json.dumps(body).encode() + b"\n")
-                    self.wfile.flush()
-
-        self.server = socketserver.ThreadingUnixStreamServer(path, Handler)
-        self.server.daemon_threads = True
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True
-        )
-        self.thread.start()
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(5)
 
 
 @pytest.fixture
@@ -70,7 +38,7 @@ def daemon(sock_path: str) -> Iterator[Callable[[Script], FakeDaemon]]:
     started: list[FakeDaemon] = []
 
     def start(script: Script) -> FakeDaemon:
-        fake = FakeDaemon(sock_path, script)
+        fake = FakeDaemon(sock_path, script).start()
         started.append(fake)
         return fake
 
