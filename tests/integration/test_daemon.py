@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -22,7 +21,13 @@ import pytest
 from assetd import AssetdClient, errors
 from tests.support.daemon import DaemonProcess, socket_dir, write_config
 from tests.support.faultproxy import FaultProxy
-from tests.support.seaweedfs import SCOPED_BUCKET, SCOPED_KEY, SeaweedFS, clean_env
+from tests.support.seaweedfs import (
+    SCOPED_BUCKET,
+    SCOPED_KEY,
+    SeaweedFS,
+    clean_env,
+    ensure_bucket,
+)
 
 pytestmark = pytest.mark.integration
 BUCKET = SCOPED_BUCKET
@@ -34,8 +39,7 @@ CSV = b"id,name,rating\n" + b"".join(b"%d,Resto %d,4\n" % (i, i) for i in range(
 def s3(seaweedfs: SeaweedFS) -> Any:
     client = seaweedfs.client()
     for bucket in (BUCKET, PRIVATE):
-        with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
-            client.create_bucket(Bucket=bucket)
+        ensure_bucket(client, bucket)
     client.put_object(Bucket=BUCKET, Key="datasets/tp2/R.CSV", Body=CSV)
     client.put_object(Bucket=BUCKET, Key="datasets/big.bin", Body=os.urandom(3 << 20))
     client.put_object(Bucket=PRIVATE, Key="datasets/secret.csv", Body=b"secret")

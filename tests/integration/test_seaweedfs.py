@@ -20,7 +20,7 @@ from assetd.config import Config, S3Config, load_config
 from assetd.fetcher.s3 import S3Fetcher
 from assetd.service import AssetService
 from assetd.store import Store
-from tests.support.seaweedfs import ADMIN_KEY, READER_KEY, SeaweedFS, clean_env
+from tests.support.seaweedfs import ADMIN_KEY, READER_KEY, SeaweedFS, clean_env, ensure_bucket
 
 pytestmark = pytest.mark.integration
 BUCKET = "autograder-assets"
@@ -29,7 +29,7 @@ BUCKET = "autograder-assets"
 @pytest.fixture(scope="module")
 def bucket(seaweedfs: SeaweedFS) -> Any:
     client = seaweedfs.client()
-    client.create_bucket(Bucket=BUCKET)
+    ensure_bucket(client, BUCKET)
     return client
 
 

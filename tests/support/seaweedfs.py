@@ -60,6 +60,12 @@ def free_port_pair(taken: set[int]) -> int:
     raise RuntimeError("no free port pair found")
 
 
+def ensure_bucket(client: Any, name: str) -> None:
+    """Create a bucket unless this session's SeaweedFS already has it."""
+    with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
+        client.create_bucket(Bucket=name)
+
+
 def clean_env(**extra: str) -> dict[str, str]:
     """An env with no CA bundle or AWS settings inherited from the machine."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
