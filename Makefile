@@ -4,9 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Debian packages the tests need: systemd-analyze (unit checks).
-APT_PACKAGES := systemd
-APT_COMMANDS := systemd-analyze
+# Debian packages the tests and demo need: systemd-analyze (unit checks), bwrap (sandbox).
+APT_PACKAGES := systemd bubblewrap
+APT_COMMANDS := systemd-analyze bwrap
 
 .PHONY: all venv sysdeps test lint unit integration demo bench clean
 
@@ -42,7 +42,7 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
-demo: $(STAMP)
+demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
 
 bench: $(STAMP)

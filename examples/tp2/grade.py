@@ -1,0 +1,184 @@
+"""tp2's grader: pre-flight assets through assetd, run the student in bubblewrap.
+
+    python examples/tp2/grade.py SOLUTION.py [...] [--socket PATH] [--setup setup.json]
+
+For each solution:
+
+1. pre-flight: parse the setup config's ``assets``, resolve them all through
+   the daemon (all or nothing); a failure ends here, before any student
+   command runs, with each asset's stable code and message;
+2. place: the cache blob bind-mounted read-only at its target;
+3. run: ``python3 /work/solution.py`` in bubblewrap with no network
+   (``--unshare-net``), an empty environment (``--clearenv``), a tmpfs
+   ``/tmp``, and read-only system directories;
+4. compare its output with the teacher's key, computed from the same bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from assetd import AssetdClient
+from assetd.grader import (
+    AssetSourceResolver,
+    PlacedAsset,
+    PreflightError,
+    ResolvedAsset,
+    bwrap_args,
+    parse_assets,
+    place_copies,
+)
+
+HERE = Path(__file__).resolve().parent
+DATASET_TARGET = "/tmp/RESTAURANTES.CSV"
+RUN_TIMEOUT_S = 60
+
+
+@dataclass
+class Verdict:
+    solution: str
+    status: str  # pass, fail, or error (pre-flight or sandbox failure)
+    detail: str = ""
+    cache: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    preflight: list[dict[str, str]] = field(default_factory=list)
+
+    def line(self) -> str:
+        caches = ",".join(self.cache) or "-"
+        return f"{self.status.upper():5} {self.solution}  [assets: {caches}]  {self.detail}"
+
+
+def expected_output(csv_bytes: bytes) -> str:
+    """The teacher's key, written independently of the reference solution."""
+    rows = list(csv.DictReader(io.StringIO(csv_bytes.decode("utf-8"))))
+    groups: dict[str, list[dict[str, str]]] = defaultdict(list)
+    for row in rows:
+        groups[row["barrio"]].append(row)
+    lines = []
+    for barrio in sorted(groups):
+        g = groups[barrio]
+        rating = sum(float(r["puntuacion"]) for r in g) / len(g)
+        price = sum(int(r["precio_medio"]) for r in g) / len(g)
+        lines.append(
+            f"{barrio}: {len(g)} restaurantes, puntuacion {rating:.2f}, precio {round(price)}"
+        )
+    best = sorted(
+        (r for r in rows if r["tipo"] == "parrilla" and int(r["resenas"]) >= 100),
+        key=lambda r: (-float(r["puntuacion"]), int(r["precio_medio"]), int(r["id"])),
+    )[:3]
+    lines += [
+        f"top: {r['nombre']} ({r['barrio']}) {r['puntuacion']} ${r['precio_medio']}" for r in best
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def sandbox_argv(placed: list[PlacedAsset], solution: Path, command: list[str]) -> list[str]:
+    """bubblewrap: no network, no environment, read-only system, assets at their targets."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        raise RuntimeError("bubblewrap (bwrap) is not installed")
+    return [
+        bwrap,
+        "--unshare-net",
+        "--unshare-pid",
+        "--unshare-ipc",
+        "--unshare-uts",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--setenv", "PATH", "/usr/bin",
+        "--setenv", "HOME", "/tmp",
+        "--ro-bind", "/usr", "/usr",
+        "--symlink", "usr/bin", "/bin",
+        "--symlink", "usr/lib", "/lib",
+        "--symlink", "usr/lib64", "/lib64",
+        "--proc", "/proc",
+        "--dev", "/dev",
+        "--tmpfs", "/tmp",
+        *bwrap_args(placed),  # after --tmpfs /tmp, or the tmpfs would hide them
+        "--ro-bind", str(solution), "/work/solution.py",
+        "--chdir", "/tmp",
+        *command,
+    ]  # fmt: skip
+
+
+def run_student(
+    placed: list[PlacedAsset], solution: Path, command: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    argv = sandbox_argv(placed, solution, command or ["python3", "/work/solution.py"])
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False, env={}
+    )
+
+
+def preflight(
+    resolver: AssetSourceResolver, setup: dict[str, object], job: str
+) -> list[ResolvedAsset]:
+    """Every asset resolved, or PreflightError: nothing of the student's has run yet."""
+    return resolver.resolve_assets(parse_assets(setup), job=job)
+
+
+def grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolver) -> Verdict:
+    started = time.monotonic()
+    verdict = Verdict(solution.name, "error")
+    try:
+        assets = preflight(resolver, setup, job=f"tp2:{solution.name}")
+    except PreflightError as exc:
+        verdict.detail = "pre-flight failed: " + "; ".join(
+            f"{f.target}: {f.code}: {f.message}" for f in exc.failures
+        )
+        verdict.preflight = [f.to_dict() for f in exc.failures]
+        verdict.seconds = time.monotonic() - started
+        return verdict
+    verdict.cache = [a.cache or "local" for a in assets]
+    with tempfile.TemporaryDirectory(prefix="tp2-") as work:
+        placed = place_copies(assets, work)
+        proc = run_student(placed, solution)
+    dataset = next(a for a in assets if a.spec.target == DATASET_TARGET)
+    expected = expected_output(dataset.path.read_bytes())
+    verdict.seconds = time.monotonic() - started
+    if proc.returncode != 0:
+        verdict.status = "fail"
+        verdict.detail = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
+    elif proc.stdout == expected:
+        verdict.status, verdict.detail = "pass", "output matches"
+    else:
+        got, want = proc.stdout.splitlines(), expected.splitlines()
+        first = next(
+            (i for i, (g, w) in enumerate(zip(got, want, strict=False)) if g != w),
+            min(len(got), len(want)),
+        )
+        verdict.status = "fail"
+        verdict.detail = f"line {first + 1} differs"
+    return verdict
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("solutions", nargs="+", type=Path)
+    parser.add_argument("--socket", default=None)
+    parser.add_argument("--setup", type=Path, default=HERE / "setup.json")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    setup = json.loads(args.setup.read_text())
+    with AssetdClient(args.socket) as client:
+        resolver = AssetSourceResolver(client=client, local_root=args.setup.parent)
+        verdicts = [grade(s.resolve(), setup, resolver) for s in args.solutions]
+    for v in verdicts:
+        print(json.dumps(v.__dict__) if args.json else v.line())
+    return 0 if all(v.status != "error" for v in verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
