@@ -1,68 +1,58 @@
-"""`make demo`: SeaweedFS, a sample dataset, `assetd check`, then the daemon.
+"""`make demo`: tp2 graded end to end, through SeaweedFS, assetd and bubblewrap.
 
-Starts SeaweedFS on 127.0.0.1 (free ports, credentials enforced), uploads a
-generated RESTAURANTES.CSV to s3://autograder-assets/datasets/tp2/, runs
-`assetd check`, starts `assetd serve`, asks it for the dataset twice (a
-miss, then a hit), shows a policy refusal, a prefetch and the stats, and
-stops everything it started.
+1. Start SeaweedFS on 127.0.0.1 (free ports, credentials enforced) as the
+   S3 engine, and upload tp2's RESTAURANTES.CSV (generated, fixed seed).
+2. Start `assetd serve` with read-only credentials for that bucket.
+3. Grade the reference and the wrong solution twice: the first round's
+   assets are cache misses, the second round's hits. Each student program
+   runs in bubblewrap with no network and an empty environment.
+4. Show pre-flight refusing a missing object before any student code runs.
+5. Print the daemon's stats, stop everything, exit 0.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import random
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples" / "tp2"))
 
-from tests.support.seaweedfs import READER_KEY, SeaweedFS, clean_env
+import dataset  # noqa: E402
+import grade  # noqa: E402
+
+from assetd import AssetdClient  # noqa: E402
+from assetd.grader import AssetSourceResolver  # noqa: E402
+from tests.support.seaweedfs import SCOPED_KEY, SeaweedFS, clean_env  # noqa: E402
 
 BUCKET = "autograder-assets"
 KEY = "datasets/tp2/RESTAURANTES.CSV"
+TP2 = ROOT / "examples" / "tp2"
 
 
-def dataset(rows: int = 20_000, seed: int = 2) -> bytes:
-    rng = random.Random(seed)  # noqa: S311 - a reproducible dataset, not a secret
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(["id", "nombre", "barrio", "tipo", "precio_medio", "puntuacion"])
-    kinds = ["parrilla", "pizzeria", "cafe", "bodegon", "sushi", "vegano"]
-    areas = ["Palermo", "Recoleta", "San Telmo", "Belgrano", "Caballito", "Almagro"]
-    for i in range(1, rows + 1):
-        w.writerow(
-            [
-                i,
-                f"Restaurante {i}",
-                rng.choice(areas),
-                rng.choice(kinds),
-                rng.randint(800, 9000),
-                round(rng.uniform(1, 5), 1),
-            ]
-        )
-    return out.getvalue().encode()
-
-
-def _run(argv: list[str], env: dict[str, str], expect: int = 0) -> None:
-    print("\n$ assetd " + " ".join(argv[3:]))
-    proc = subprocess.run(argv, env=env, check=False, timeout=120)
-    if proc.returncode != expect:
-        raise SystemExit(f"demo: exit {proc.returncode}, expected {expect}")
+def _wait_for(sock: Path, daemon: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        if time.monotonic() > deadline or daemon.poll() is not None:
+            raise SystemExit("demo: the daemon did not start")
+        time.sleep(0.05)
 
 
 def main() -> int:
+    setup = grade.json.loads((TP2 / "setup.json").read_text())
+    solutions = [TP2 / "solutions" / "reference.py", TP2 / "solutions" / "wrong.py"]
     with tempfile.TemporaryDirectory(prefix="assetd-demo-") as tmp, SeaweedFS() as weed:
         work = Path(tmp)
-        print(f"SeaweedFS S3 on {weed.endpoint_url}")
         admin = weed.client()
         admin.create_bucket(Bucket=BUCKET)
-        data = dataset()
+        data = dataset.generate()
         admin.put_object(Bucket=BUCKET, Key=KEY, Body=data)
-        print(f"uploaded s3://{BUCKET}/{KEY} ({len(data)} bytes)")
+        print(f"S3 engine: SeaweedFS at {weed.endpoint_url}")
+        print(f"uploaded s3://{BUCKET}/{KEY} ({len(data):,} bytes)")
         sock = work / "run" / "assetd.sock"
         config = work / "assetd.toml"
         config.write_text(
@@ -70,31 +60,47 @@ def main() -> int:
             f'[s3]\nendpoint_url = "{weed.endpoint_url}"\nregion = "us-east-1"\n'
             f'addressing_style = "path"\nallowed_buckets = ["{BUCKET}"]\n'
             'allowed_prefixes = ["datasets/"]\nmax_object_bytes = "64MiB"\n'
-            '[log]\nformat = "console"\n'
+            '[log]\nformat = "json"\n'
         )
-        env = clean_env(AWS_ACCESS_KEY_ID=READER_KEY[0], AWS_SECRET_ACCESS_KEY=READER_KEY[1])
-        assetd = [sys.executable, "-m", "assetd"]
-        source = f"s3://{BUCKET}/{KEY}"
-        # check is in-process and writes its own cache, so the daemon below starts cold
-        check_env = {**env, "ASSETD_CACHE_DIR": str(work / "check-cache")}
-        _run([*assetd, "check", source, "--config", str(config)], check_env)
-        daemon = subprocess.Popen([*assetd, "serve", "--config", str(config)], env=env)
+        # the daemon holds the only credentials; the grader and the sandbox have none
+        env = clean_env(AWS_ACCESS_KEY_ID=SCOPED_KEY[0], AWS_SECRET_ACCESS_KEY=SCOPED_KEY[1])
+        log = (work / "assetd.log").open("wb")
+        daemon = subprocess.Popen(
+            [sys.executable, "-m", "assetd", "serve", "--config", str(config)],
+            env=env,
+            stderr=log,
+        )
         try:
-            deadline = time.monotonic() + 30
-            while not sock.exists():
-                if time.monotonic() > deadline or daemon.poll() is not None:
-                    raise SystemExit("demo: the daemon did not start")
-                time.sleep(0.05)
-            for label in ("cold: a miss", "warm: a hit"):
-                print(f"\n# {label}")
-                _run([*assetd, "get", source, "--json", "--socket", str(sock)], env)
-            _run([*assetd, "get", "s3://other-bucket/x.csv", "--socket", str(sock)], env, 1)
-            _run([*assetd, "prefetch", source, "--socket", str(sock)], env)
-            _run([*assetd, "stats", "--socket", str(sock)], env)
+            _wait_for(sock, daemon)
+            print(f"assetd serving on {sock}\n")
+            with AssetdClient(str(sock)) as client:
+                resolver = AssetSourceResolver(client=client)
+                for round_ in ("first round (cold cache)", "second round (warm cache)"):
+                    print(f"-- {round_}")
+                    for solution in solutions:
+                        print("  " + grade.grade(solution, setup, resolver).line())
+                missing = {
+                    "assets": [
+                        {
+                            "source": f"s3://{BUCKET}/datasets/tp2/MISSING.CSV",
+                            "target": "/tmp/M.CSV",
+                        }
+                    ]
+                }
+                print("-- a setup config naming a missing object")
+                print("  " + grade.grade(solutions[0], missing, resolver).line())
+                stats = client.stats()
+            print(
+                f"\nassetd stats: {stats['entries']} entries, {stats['bytes']:,} bytes, "
+                f"{stats['hits']} hits, {stats['misses']} misses, "
+                f"S3 HEAD/GET {stats['s3_requests']['head']}/{stats['s3_requests']['get']}, "
+                f"errors {stats['errors']}"
+            )
         finally:
             daemon.terminate()
             daemon.wait(30)
-    print("\ndemo finished: daemon and SeaweedFS stopped")
+            log.close()
+    print("demo finished: assetd and SeaweedFS stopped")
     return 0
 
 

@@ -1,0 +1,183 @@
+"""tp2 graded end to end: SeaweedFS, the real daemon, bubblewrap sandboxes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assetd import AssetdClient
+from assetd.grader import AssetdBytesProvider, AssetSourceResolver
+from tests.support.daemon import DaemonProcess, socket_dir, write_config
+from tests.support.seaweedfs import SCOPED_BUCKET, SCOPED_KEY, SeaweedFS, ensure_bucket
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        shutil.which("bwrap") is None and not os.environ.get("CI"),
+        reason="bubblewrap not installed (make test installs it)",
+    ),
+]
+
+TP2 = Path(__file__).resolve().parents[2] / "examples" / "tp2"
+sys.path.insert(0, str(TP2))
+import dataset  # noqa: E402
+import grade  # noqa: E402
+
+BUCKET = SCOPED_BUCKET
+KEY = "datasets/tp2/RESTAURANTES.CSV"
+SETUP = json.loads((TP2 / "setup.json").read_text())
+BIG = os.urandom(20 * 1000 * 1000)
+PROBE = """
+import hashlib, json, os, socket, sys
+out = {"env": sorted(os.environ), "ifaces": [n for _, n in socket.if_nameindex()]}
+for target in sys.argv[1:]:
+    data = open(target, "rb").read()
+    try:
+        with open(target, "ab") as f:
+            f.write(b"tamper")
+        write = "ok"
+    except OSError as exc:
+        write = exc.errno
+    out[target] = {"sha256": hashlib.sha256(data).hexdigest(), "write": write}
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def tp2_daemon(seaweedfs: SeaweedFS) -> Iterator[DaemonProcess]:
+    admin = seaweedfs.client()
+    ensure_bucket(admin, BUCKET)
+    admin.put_object(Bucket=BUCKET, Key=KEY, Body=dataset.generate())
+    admin.put_object(Bucket=BUCKET, Key="datasets/big/twenty.bin", Body=BIG)
+    admin.put_object(Bucket=BUCKET, Key="datasets/huge.bin", Body=os.urandom(22 * 1000 * 1000))
+    with tempfile.TemporaryDirectory(prefix="ag", dir="/tmp") as tmp:
+        base = socket_dir(Path(tmp))
+        config = write_config(
+            base / "assetd.toml",
+            {
+                "daemon": {"socket": str(base / "a.sock")},
+                "cache": {"dir": str(base / "cache")},
+                "s3": {
+                    "endpoint_url": seaweedfs.endpoint_url,
+                    "region": "us-east-1",
+                    "addressing_style": "path",
+                    "allowed_buckets": [BUCKET],
+                    "allowed_prefixes": ["datasets/"],
+                    "max_object_bytes": "21MB",
+                },
+            },
+        )
+        proc = DaemonProcess(
+            config,
+            str(base / "a.sock"),
+            base / "assetd.log",
+            env={"AWS_ACCESS_KEY_ID": SCOPED_KEY[0], "AWS_SECRET_ACCESS_KEY": SCOPED_KEY[1]},
+        )
+        with proc:
+            yield proc
+
+
+@pytest.fixture
+def resolver(tp2_daemon: DaemonProcess) -> Iterator[AssetSourceResolver]:
+    with AssetdClient(tp2_daemon.socket_path) as client:
+        yield AssetSourceResolver(client=client)
+
+
+def test_reference_passes_and_wrong_fails(resolver: AssetSourceResolver) -> None:
+    """The reference solution passes and the wrong one fails, graded in bubblewrap."""
+    reference = grade.grade(TP2 / "solutions" / "reference.py", SETUP, resolver)
+    wrong = grade.grade(TP2 / "solutions" / "wrong.py", SETUP, resolver)
+    assert ("pass", "fail") == (reference.status, wrong.status)
+    assert "hit" == wrong.cache[0]
+
+
+def _probe(resolver: AssetSourceResolver, setup: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+    script = tmp_path / "probe.py"
+    script.write_text(PROBE)
+    assets = grade.preflight(resolver, setup, job="probe")
+    placed = grade.place_copies(assets, tmp_path)
+    targets = [a.spec.target for a in assets]
+    proc = grade.run_student(placed, script, ["python3", "/work/solution.py", *targets])
+    assert 0 == proc.returncode, proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+def test_sandbox_reads_asset_cannot_write_has_no_credentials_or_network(
+    resolver: AssetSourceResolver, tmp_path: Path
+) -> None:
+    """In the sandbox: the asset reads, writing fails, no AWS_ variables, only lo."""
+    out = _probe(resolver, SETUP, tmp_path)
+    asset = out["/tmp/RESTAURANTES.CSV"]
+    assert hashlib.sha256(dataset.generate()).hexdigest() == asset["sha256"]
+    assert 30 == asset["write"]  # EROFS: a read-only bind mount
+    assert [] == [name for name in out["env"] if name.startswith("AWS_")]
+    assert ["lo"] == out["ifaces"]
+
+
+def test_twenty_megabyte_asset(resolver: AssetSourceResolver, tmp_path: Path) -> None:
+    """A 20 MB asset is placed and read whole, beyond any argv-based approach."""
+    setup = {
+        "assets": [{"source": f"s3://{BUCKET}/datasets/big/twenty.bin", "target": "/data/t.bin"}]
+    }
+    out = _probe(resolver, setup, tmp_path)
+    assert hashlib.sha256(BIG).hexdigest() == out["/data/t.bin"]["sha256"]
+
+
+def test_writable_asset_is_a_private_copy(
+    resolver: AssetSourceResolver, tmp_path: Path, tp2_daemon: DaemonProcess
+) -> None:
+    """read_only: false gets a writable copy; the cache blob is never changed."""
+    setup = {
+        "assets": [{"source": f"s3://{BUCKET}/{KEY}", "target": "/tmp/R.CSV", "read_only": False}]
+    }
+    out = _probe(resolver, setup, tmp_path)
+    blob = tp2_daemon.request({"op": "resolve", "source": f"s3://{BUCKET}/{KEY}"})
+    assert "ok" == out["/tmp/R.CSV"]["write"]
+    assert hashlib.sha256(dataset.generate()).hexdigest() == blob["sha256"]
+    assert dataset.generate() == Path(blob["path"]).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("source", "code"),
+    [
+        (f"s3://{BUCKET}/datasets/tp2/MISSING.CSV", "not_found"),
+        ("s3://not-our-bucket/datasets/x.csv", "not_allowed"),
+        (f"s3://{BUCKET}/datasets/huge.bin", "too_large"),
+    ],
+)
+def test_preflight_fails_before_student_code(
+    resolver: AssetSourceResolver,
+    monkeypatch: pytest.MonkeyPatch,
+    source: str,
+    code: str,
+) -> None:
+    """A missing, disallowed or oversize asset fails pre-flight; no student command runs."""
+    ran: list[object] = []
+    monkeypatch.setattr(grade, "run_student", lambda *a, **k: ran.append(a))
+    setup = {"assets": [*SETUP["assets"], {"source": source, "target": "/tmp/extra.bin"}]}
+    verdict = grade.grade(TP2 / "solutions" / "reference.py", setup, resolver)
+    assert ("error", []) == (verdict.status, ran)
+    assert [(source, "/tmp/extra.bin", code)] == [
+        (f["source"], f["target"], f["code"]) for f in verdict.preflight
+    ]
+
+
+def test_bytes_provider_returns_exact_bytes(tp2_daemon: DaemonProcess) -> None:
+    """The get_asset bytes provider returns exactly the object's bytes, None on failure."""
+    with AssetdClient(tp2_daemon.socket_path) as client:
+        provider = AssetdBytesProvider(client)
+        data = provider.get_asset(f"s3://{BUCKET}/{KEY}", "/tmp/RESTAURANTES.CSV", True)
+        missing = provider.get_asset(f"s3://{BUCKET}/datasets/nope.csv", "/tmp/n.csv", True)
+        code = provider.last_error.code if provider.last_error else None
+    assert dataset.generate() == data
+    assert (None, "not_found") == (missing, code)
