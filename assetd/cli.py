@@ -312,5 +312,37 @@ def stats(as_json: bool, socket_path: str | None) -> None:
         click.echo(f"{label:<{width}}  {value}")
 
 
+def _redact(value: object) -> object:
+    """Userinfo in a URL (https://user:secret@host) is the one way a secret could appear."""
+    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/")[0]:
+        scheme, rest = value.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return value
+
+
+@cli.command("config")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def show_config(config_path: str | None, as_json: bool) -> None:
+    """Print the effective configuration and where each value came from."""
+    cfg = _load(config_path)
+    rows = {
+        name: {"value": _redact(value), "origin": cfg.origins.get(name, "default")}
+        for name, value in cfg.values().items()
+    }
+    if as_json:
+        click.echo(json.dumps({"path": cfg.path, "keys": rows}, default=list))
+        return
+    click.echo(f"# config file: {cfg.path or 'none (defaults and environment only)'}")
+    width = max(len(name) for name in rows)
+    for name, row in rows.items():
+        value = row["value"]
+        if name == "daemon.socket_mode" and isinstance(value, int):
+            shown = f'"{value:04o}"'
+        else:
+            shown = json.dumps(list(value) if isinstance(value, tuple) else value)
+        click.echo(f"{name:<{width}} = {shown:<40} # {row['origin']}")
+
+
 def main() -> None:
     cli(prog_name="assetd")
