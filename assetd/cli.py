@@ -312,6 +312,66 @@ def stats(as_json: bool, socket_path: str | None) -> None:
         click.echo(f"{label:<{width}}  {value}")
 
 
+def _open_store(config_path: str | None) -> tuple[Config, Any]:
+    from assetd.store import Store
+
+    cfg = _load(config_path)
+    try:
+        return cfg, Store(cfg.cache.dir)
+    except AssetError as exc:
+        _fail(f"assetd: cannot open the cache at {cfg.cache.dir}: {exc.message}", 2)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def gc(config_path: str | None, as_json: bool) -> None:
+    """Run eviction now: recover the index, then evict LRU unpinned entries over the limits."""
+    cfg, store = _open_store(config_path)
+    try:
+        recovery = store.recover()
+        report = store.evict(max_bytes=cfg.cache.max_bytes, min_free_bytes=cfg.cache.min_free_bytes)
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps({"recovery": recovery.to_dict(), "eviction": report.to_dict()}))
+    else:
+        click.echo(
+            f"freed {report.freed_bytes} bytes: {report.removed_entries} entries, "
+            f"{report.removed_blobs} blobs; {report.bytes_after} bytes cached, "
+            f"{report.free_after} bytes free on disk"
+            + ("; still over the limits (everything left is pinned)" if report.full else "")
+        )
+        if recovery.dropped_rows or recovery.deleted_blobs or recovery.quarantined:
+            click.echo(
+                f"recovery: dropped {recovery.dropped_rows} rows, deleted "
+                f"{recovery.deleted_blobs} unreferenced blobs, quarantined {recovery.quarantined}"
+            )
+    sys.exit(1 if report.full else 0)
+
+
+@cli.command()
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def verify(config_path: str | None, as_json: bool) -> None:
+    """Re-hash every blob; quarantine mismatches; exit 1 if any were found."""
+    _cfg, store = _open_store(config_path)
+    try:
+        report = store.verify()
+    finally:
+        store.close()
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        click.echo(
+            f"checked {report.checked} blobs ({report.bytes} bytes) in {report.seconds}s: "
+            f"{len(report.mismatched)} mismatched"
+        )
+        for sha in report.mismatched:
+            click.echo(f"quarantined {sha}: its bytes do not hash to its name", err=True)
+    sys.exit(1 if report.mismatched else 0)
+
+
 def _redact(value: object) -> object:
     """Userinfo in a URL (https://user:secret@host) is the one way a secret could appear."""
     if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/")[0]:

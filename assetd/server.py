@@ -45,6 +45,7 @@ from assetd.protocol import (
     peek_id,
 )
 from assetd.service import AssetService
+from assetd.watch import Watcher
 
 __all__ = ["Daemon", "bind_socket"]
 
@@ -52,6 +53,7 @@ log = get_logger("assetd.server")
 _PEERCRED = struct.Struct("3i")
 _MAX_PIPELINED = 64  # answers owed on one connection before we stop reading it
 FLUSH_EVERY_S = 1.0
+EVICT_EVERY_TICKS = 30  # flushes between checks of the limits outside a fetch
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -517,6 +519,12 @@ class Daemon:
             self.loop.add_signal_handler(sig, self._stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.export.start()
+        watcher = Watcher(
+            self.service.store,
+            self.config.path,
+            self._reload_soon,
+        )
+        watcher.start()
         tasks = [asyncio.ensure_future(self._flush_loop())]
         interval = systemd.watchdog_interval()
         if interval:
@@ -530,6 +538,8 @@ class Daemon:
             version=__version__,
         )
         systemd.notify("READY=1\nSTATUS=serving")
+        # the expensive part of crash recovery runs after READY, beside serving
+        recovery = self.loop.run_in_executor(None, self._recover)
         await self._stop.wait()
 
         systemd.notify("STOPPING=1")
@@ -549,6 +559,9 @@ class Daemon:
         await asyncio.sleep(0)
         for task in tasks:
             task.cancel()
+        watcher.stop()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(recovery, 30)
         await self.loop.run_in_executor(None, self._close)
         log.info("stopped")
         flush_logs()
@@ -561,10 +574,33 @@ class Daemon:
         self.service.close()
         self.service.store.close()
 
+    def _reload_soon(self) -> None:
+        """From the watchdog's thread: reload on the loop, as SIGHUP does."""
+        self.loop.call_soon_threadsafe(self.reload)
+
+    def _recover(self) -> None:
+        try:
+            report = self.service.store.recover()
+        except Exception:
+            log.exception("cache recovery failed")
+            return
+        log.info("cache recovered", **report.to_dict())
+
+    def _housekeeping(self) -> None:
+        """Keep the cache within its limits even when other tenants fill the disk."""
+        store = self.service.store
+        if store.recovered.is_set():
+            cache = self.config.cache
+            store.evict(max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes)
+
     async def _flush_loop(self) -> None:
+        ticks = 0
         while True:
             await asyncio.sleep(FLUSH_EVERY_S)
             await self.loop.run_in_executor(None, self.service.store.flush)
+            ticks += 1
+            if ticks % EVICT_EVERY_TICKS == 0:
+                await self.loop.run_in_executor(None, self._housekeeping)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

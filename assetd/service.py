@@ -27,6 +27,7 @@ from assetd.errors import (
     TransientError,
 )
 from assetd.fetcher.base import Fetcher, ObjectMeta
+from assetd.log import get_logger
 from assetd.policy import Policy
 from assetd.protocol import CacheStatus, Resolved
 from assetd.singleflight import SingleFlight
@@ -35,6 +36,7 @@ from assetd.uri import S3Source, parse_s3
 
 __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
+log = get_logger("assetd.service")
 _COUNTER = {"hit": "hits", "miss": "misses", "coalesced": "coalesced", "stale": "stale"}
 _NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
 
@@ -202,13 +204,14 @@ class AssetService:
             if self._fresh(ask, hit, time.time()):
                 return self._serve(ask, hit.entry, hit.path, "hit")
             try:
-                meta = self.fetcher.head(bucket, key, None, deadline=deadline)
+                meta = self.fetcher.revalidate(bucket, key, hit.entry.etag, deadline=deadline)
             except TransientError:
                 if not self.config.cache.serve_stale_on_error:
                     raise
                 # S3 unreachable: the copy we verified earlier beats failing a grade
+                log.warning("serving stale copy", source=ask.text, sha256=hit.entry.sha256)
                 return self._serve(ask, hit.entry, hit.path, "stale")
-            if meta.etag == hit.entry.etag:
+            if meta is None or meta.etag == hit.entry.etag:  # None: 304, unchanged
                 self.store.mark_checked(bucket, key)
                 return self._serve(ask, hit.entry, hit.path, "hit")
         (entry, path), shared = self._flight.do(
@@ -221,7 +224,17 @@ class AssetService:
     def _fetch(self, ask: _Ask, meta: ObjectMeta | None) -> tuple[Entry, Path]:
         # the download has its own deadline: waiters may give up, the cache still fills
         deadline = time.monotonic() + self.config.s3.deadline_s
-        with self.store.staged() as staged:
+        bucket, key = ask.source.bucket, ask.source.key
+        if meta is None:
+            meta = self.fetcher.head(bucket, key, ask.version_id, deadline=deadline)
+        ask.policy.check_size(meta.size)  # before making room: a refusal evicts nothing
+        cache = self.config.cache
+        with (
+            self.store.reserve(
+                meta.size, max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes
+            ),
+            self.store.staged() as staged,
+        ):
             fetched = self.fetcher.fetch(
                 ask.source.bucket,
                 ask.source.key,

@@ -4,6 +4,7 @@ Layout under the cache dir (DESIGN.md "Cache")::
 
     blobs/sha256/<2 hex>/<64 hex>   mode 0444, the bytes bind-mounted into sandboxes
     tmp/                            staged downloads; emptied on open
+    quarantine/                     blobs whose bytes changed under us, kept for inspection
     index/                          diskcache (SQLite) rows
 
 Commit order, as in diskcache: write the blob under a unique temp name,
@@ -25,22 +26,33 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import hashlib
 import os
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import diskcache
 
 from assetd.errors import CacheFull, InternalError
+from assetd.log import get_logger
 
-__all__ = ["Entry", "Hit", "StagedBlob", "Store"]
+__all__ = [
+    "Entry",
+    "EvictionReport",
+    "Hit",
+    "RecoveryReport",
+    "StagedBlob",
+    "Store",
+    "VerifyReport",
+]
 
+log = get_logger("assetd.store")
 Fingerprint = tuple[int, int, int, int]
 _WRITEBACK_EVERY = 1 << 20
 _SYNC_FILE_RANGE_WRITE = 2
@@ -80,6 +92,51 @@ class Entry:
     fetched_at: float
     last_access: float
     pinned_until: float
+
+
+@dataclass
+class EvictionReport:
+    """What one eviction pass did; ``full`` means the limits still are not met."""
+
+    freed_bytes: int = 0
+    removed_entries: int = 0
+    removed_blobs: int = 0
+    bytes_after: int = 0
+    free_after: int = 0
+    full: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RecoveryReport:
+    """What start-up recovery found and mended."""
+
+    removed_temps: int = 0
+    dropped_rows: int = 0
+    quarantined: int = 0
+    deleted_blobs: int = 0
+    entries: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class VerifyReport:
+    """``assetd verify``: blobs re-hashed, and those whose bytes did not match their name."""
+
+    checked: int = 0
+    bytes: int = 0
+    mismatched: list[str] = field(default_factory=list)
+    dropped_rows: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,8 +213,9 @@ class Store:
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
+        self.quarantine_dir = self.root / "quarantine"
         try:
-            for d in (self.blobs, self.tmp):
+            for d in (self.blobs, self.tmp, self.quarantine_dir):
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _disk_error(exc, f"create {self.root}") from exc
@@ -170,6 +228,10 @@ class Store:
         self._pins: dict[tuple[str, ...], tuple[float, float]] = {}
         self._paths: dict[str, Path] = {}
         self._totals: list[int] | None = None  # [entries, bytes], counted on first use
+        self._reserved = 0  # bytes of downloads in flight, counted against the limits
+        self._recovery_lock = threading.Lock()
+        self.recovered = threading.Event()  # every row is in memory and checked
+        self.recovery: RecoveryReport | None = None
 
     def close(self) -> None:
         self.flush()
@@ -317,7 +379,8 @@ class Store:
         except OSError:
             ok = False
         if not ok:
-            # changed or gone under us: forget it so the next fetch replaces it
+            # changed or gone under us: never served; the next fetch replaces it
+            self.quarantine(sha, reason="stat fingerprint changed")
             self._delete(k)
             self._adjust(entries=-1)
             return None
@@ -364,6 +427,264 @@ class Store:
                 self._pins[k] = (time.time(), pin)
                 self._dirty.add(k)
         return pin
+
+    # -- lifecycle: quarantine, recovery, eviction, verification ----------------
+
+    def quarantine(self, sha256: str, *, reason: str) -> bool:
+        """Take a blob out of service: its row goes, its file moves to quarantine/.
+
+        Returns True if a file was moved. Rows that name the blob read as
+        misses from now on, so it is fetched again, never served.
+        """
+        with self._lock:
+            fp = self._get(("blob", sha256))
+            if fp is not None:
+                self._delete(("blob", sha256))
+                self._adjust(size=-int(fp[0]))
+            path = self.blob_path(sha256)
+            dest = self.quarantine_dir / f"{sha256}.{time.time_ns()}"
+            try:
+                os.rename(path, dest)
+            except FileNotFoundError:
+                return False
+            log.warning("blob quarantined", sha256=sha256, reason=reason, moved_to=str(dest))
+            return True
+
+    def check_blob(self, sha256: str) -> bool:
+        """Re-check one blob against its row (the watchdog's callback); True if it was bad."""
+        with self._lock:
+            fp = self._get(("blob", sha256))
+            if fp is None:
+                return False  # not ours (yet), or already handled
+            try:
+                st = os.stat(self.blob_path(sha256))
+            except FileNotFoundError:
+                self._delete(("blob", sha256))
+                self._adjust(size=-int(fp[0]))
+                log.warning("blob deleted under the cache", sha256=sha256)
+                return True
+            if fp == _fingerprint(st):
+                return False
+            self.quarantine(sha256, reason="modified under the cache")
+            return True
+
+    def _load_all(self) -> dict[tuple[str, ...], Any]:
+        """Every index row, loaded into memory (rows already there win: they are newer)."""
+        loaded: dict[tuple[str, ...], Any] = {}
+        for k in self.index.iterkeys():
+            raw = self.index.get(k)
+            if raw is not None and isinstance(k, tuple) and k and k[0] in ("obj", "cur", "blob"):
+                loaded[k] = self._load(k, raw)
+        with self._lock:
+            for k, value in loaded.items():
+                self._rows.setdefault(k, value)
+            return dict(self._rows)
+
+    def recover(self) -> RecoveryReport:
+        """Bring index and blobs back into agreement after a crash; idempotent.
+
+        Drops rows whose blob is missing or changed (changed blobs are
+        quarantined), deletes blob files nothing references, and counts the
+        totals that eviction needs. Safe while the daemon serves: every
+        decision is re-checked under the store's lock.
+        """
+        with self._recovery_lock:
+            if self.recovered.is_set() and self.recovery is not None:
+                return self.recovery
+            started = time.monotonic()
+            report = RecoveryReport(removed_temps=self.removed_temps)
+            rows = self._load_all()
+            for k, fp in rows.items():
+                if k[0] != "blob":
+                    continue
+                try:
+                    st = os.stat(self.blob_path(k[1]))
+                except FileNotFoundError:
+                    with self._lock:
+                        self._delete(k)
+                    report.dropped_rows += 1
+                    continue
+                if fp != _fingerprint(st):
+                    report.quarantined += int(self.quarantine(k[1], reason="changed while down"))
+            report.dropped_rows += self._drop_dangling()
+            report.deleted_blobs = self._delete_unreferenced()
+            with self._lock:
+                entries = sum(1 for k in self._rows if k[0] == "obj")
+                size = sum(int(v[0]) for k, v in self._rows.items() if k[0] == "blob")
+                self._totals = [entries, size]
+            report.entries, report.bytes = entries, size
+            report.seconds = round(time.monotonic() - started, 3)
+            self.recovery = report
+            self.recovered.set()
+            return report
+
+    def _drop_dangling(self) -> int:
+        """Remove obj rows whose blob row is gone, and cur rows whose obj row is gone."""
+        dropped = 0
+        with self._lock:
+            for k in [k for k in self._rows if k[0] == "obj"]:
+                if ("blob", self._rows[k].sha256) not in self._rows:
+                    self._delete(k)
+                    dropped += 1
+            for k in [k for k in self._rows if k[0] == "cur"]:
+                if ("obj", k[1], k[2], self._rows[k][0]) not in self._rows:
+                    self._delete(k)
+                    dropped += 1
+        return dropped
+
+    def _referenced(self) -> set[str]:
+        with self._lock:
+            return {v.sha256 for k, v in self._rows.items() if k[0] == "obj"}
+
+    def _delete_unreferenced(self) -> int:
+        """Delete blob files (and blob rows) that no obj row names.
+
+        The directory is listed without the lock; each candidate is then
+        re-checked under it, against references counted again, so a blob a
+        concurrent commit just published is never taken.
+        """
+        seen = self._referenced()
+        candidates = [
+            path
+            for sub in self.blobs.iterdir()
+            if sub.is_dir()
+            for path in sub.iterdir()
+            if path.name not in seen
+        ]
+        if not candidates:
+            return 0
+        deleted = 0
+        with self._lock:
+            referenced = self._referenced()
+            for path in candidates:
+                if path.name in referenced:
+                    continue
+                if ("blob", path.name) in self._rows:
+                    self._delete(("blob", path.name))
+                path.unlink(missing_ok=True)
+                deleted += 1
+        return deleted
+
+    def _ensure_recovered(self) -> None:
+        if not self.recovered.is_set():
+            self.recover()
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def evict(
+        self,
+        *,
+        max_bytes: int,
+        min_free_bytes: int,
+        need: int = 0,
+        low_water: float = 0.9,
+        now: float | None = None,
+    ) -> EvictionReport:
+        """LRU over unpinned entries until ``need`` more bytes fit under both limits.
+
+        Triggered by bytes over ``max_bytes`` or free space under
+        ``min_free_bytes``; once triggered it goes down to ``low_water`` of
+        ``max_bytes``, so eviction does not run on every miss. A blob is
+        deleted only when no remaining entry names it. Index rows go first
+        (the commit point), files after: a crash in between leaves only an
+        unreferenced file, which recovery deletes.
+        """
+        self._ensure_recovered()
+        now = time.time() if now is None else now
+        report = EvictionReport()
+        with self._lock:
+            assert self._totals is not None
+            total = self._totals[1] + self._reserved
+            free = self.free_bytes() - self._reserved
+            if total + need > max_bytes or free - need < min_free_bytes:
+                goal_total = min(int(max_bytes * low_water), max_bytes - need)
+                goal_free = min_free_bytes + need
+                refs: dict[str, int] = {}
+                for k, v in self._rows.items():
+                    if k[0] == "obj":
+                        refs[v.sha256] = refs.get(v.sha256, 0) + 1
+                candidates = sorted(
+                    (pin[0], k)
+                    for k, v in self._rows.items()
+                    if k[0] == "obj"
+                    and (pin := self._pins.get(k) or (v.last_access, v.pinned_until))[1] <= now
+                )
+                for _last, k in candidates:
+                    if total <= goal_total and free >= goal_free:
+                        break
+                    sha = self._rows[k].sha256
+                    self._drop_entry(k)
+                    report.removed_entries += 1
+                    refs[sha] -= 1
+                    if refs[sha] == 0:
+                        fp = self._get(("blob", sha))
+                        size = int(fp[0]) if fp else 0
+                        self._delete(("blob", sha))
+                        self.blob_path(sha).unlink(missing_ok=True)
+                        self._adjust(size=-size)
+                        report.removed_blobs += 1
+                        report.freed_bytes += size
+                        total -= size
+                        free += size
+            report.bytes_after = self._totals[1]
+            report.free_after = self.free_bytes()
+            report.full = total + need > max_bytes or free - need < min_free_bytes
+        if report.removed_entries:
+            log.info("evicted", **report.to_dict())
+        return report
+
+    def _drop_entry(self, k: tuple[str, ...]) -> None:
+        """Remove one obj row and the cur pointer that names it."""
+        cur_key = ("cur", k[1], k[2])
+        cur = self._rows.get(cur_key)
+        if cur is not None and cur[0] == k[3]:
+            self._delete(cur_key)
+        self._delete(k)
+        self._adjust(entries=-1)
+
+    @contextlib.contextmanager
+    def reserve(self, size: int, *, max_bytes: int, min_free_bytes: int) -> Iterator[None]:
+        """Room for a download of ``size`` bytes, evicting if needed, else CacheFull."""
+        with self._lock:
+            report = self.evict(max_bytes=max_bytes, min_free_bytes=min_free_bytes, need=size)
+            if report.full:
+                raise CacheFull(
+                    "no room left in the asset cache",
+                    detail=f"need {size} bytes; {report.bytes_after} cached, "
+                    f"{report.free_after} free; nothing unpinned left to evict",
+                )
+            self._reserved += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._reserved -= size
+
+    def verify(self) -> VerifyReport:
+        """Re-hash every blob; quarantine those whose bytes do not match their name."""
+        started = time.monotonic()
+        report = VerifyReport()
+        self._load_all()
+        for sub in sorted(self.blobs.iterdir()):
+            for path in sorted(sub.iterdir()) if sub.is_dir() else ():
+                sha = hashlib.sha256()
+                try:
+                    with open(path, "rb") as f:
+                        while chunk := f.read(1 << 20):
+                            sha.update(chunk)
+                except FileNotFoundError:
+                    continue  # evicted while we looked
+                report.checked += 1
+                report.bytes += path.stat().st_size if path.exists() else 0
+                if sha.hexdigest() != path.name:
+                    report.mismatched.append(path.name)
+                    if not self.quarantine(path.name, reason="content does not match its name"):
+                        continue
+        report.dropped_rows = self._drop_dangling()
+        report.seconds = round(time.monotonic() - started, 3)
+        return report
 
     def discard_blob(self, sha256: str) -> None:
         """Delete a blob; rows that name it read as misses from now on."""

@@ -257,6 +257,11 @@ class Fetcher(ABC):
         """HEAD with retries."""
         return self._retrying(lambda: self._head(bucket, key, version_id, deadline), deadline)
 
+    def revalidate(self, bucket: str, key: str, etag: str, *, deadline: float) -> ObjectMeta | None:
+        """None if the object still has ``etag``, else its new metadata."""
+        meta = self.head(bucket, key, None, deadline=deadline)
+        return None if meta.etag == etag else meta
+
     def fetch(
         self,
         bucket: str,

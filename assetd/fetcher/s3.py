@@ -106,6 +106,10 @@ _SPECIAL = {
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 
 
+class _NotModified(Exception):
+    """A conditional HEAD answered 304: the object still has the ETag we hold."""
+
+
 class S3ErrorResponse(Exception):
     """A non-2xx answer from S3: status plus the ``<Code>`` of its XML body, if any."""
 
@@ -291,7 +295,7 @@ class S3Fetcher(Fetcher):
             raise
         if 200 <= resp.status < 300:
             return target, conn, resp
-        body = b"" if method == "HEAD" else resp.read(64 * 1024)
+        body = resp.read() if method == "HEAD" else resp.read(64 * 1024)
         found = _ERROR_CODE.search(body)
         code = found.group(1).decode("utf-8", "replace") if found else ""
         if resp.isclosed() and not resp.will_close:
@@ -300,18 +304,41 @@ class S3Fetcher(Fetcher):
             conn.close()
         raise S3ErrorResponse(resp.status, code, resp.reason)
 
-    def _head(self, bucket: str, key: str, version_id: str | None, deadline: float) -> ObjectMeta:
+    def revalidate(self, bucket: str, key: str, etag: str, *, deadline: float) -> ObjectMeta | None:
+        """A conditional HEAD (If-None-Match): 304 means unchanged, without a body."""
+        try:
+            meta = self._retrying(
+                lambda: self._head(bucket, key, None, deadline, if_none_match=etag), deadline
+            )
+        except _NotModified:
+            return None
+        return meta
+
+    def _head(
+        self,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        deadline: float,
+        *,
+        if_none_match: str | None = None,
+    ) -> ObjectMeta:
         params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
         if version_id:
             params["VersionId"] = version_id
+        headers = {"x-amz-checksum-mode": "ENABLED"}
+        if if_none_match:
+            headers["If-None-Match"] = if_none_match
         self._count("head")
         try:
-            target, conn, resp = self._request(
-                "HEAD", "head_object", params, {"x-amz-checksum-mode": "ENABLED"}, deadline
-            )
+            target, conn, resp = self._request("HEAD", "head_object", params, headers, deadline)
             resp.read()
             self._pool.put(target, conn)
             size = int(resp.getheader("Content-Length", ""))
+        except S3ErrorResponse as exc:
+            if exc.status == 304 and if_none_match:
+                raise _NotModified from None
+            raise translate_error(exc, bucket, key, version_id) from exc
         except Exception as exc:
             raise translate_error(exc, bucket, key, version_id) from exc
         h = resp.getheader

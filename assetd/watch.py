@@ -1,0 +1,83 @@
+"""watchdog observers: blobs changed behind the cache's back, and the config file.
+
+- ``blobs/``: a blob deleted, modified or moved away is checked against its
+  index row at once (``Store.check_blob``); a changed one is quarantined,
+  so it is fetched again rather than served. The stat check on every hit
+  remains the guarantee; this makes it visible as it happens.
+- the config file: a change triggers the same reload as SIGHUP.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from assetd.log import get_logger
+from assetd.store import Store
+
+__all__ = ["Watcher"]
+
+log = get_logger("assetd.watch")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
+_DEBOUNCE_S = 0.3
+
+
+class _BlobHandler(FileSystemEventHandler):
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        if event.is_directory or event.event_type not in ("deleted", "modified", "moved", "closed"):
+            return
+        name = os.path.basename(os.fsdecode(event.src_path))
+        if _SHA.match(name):
+            try:
+                self.store.check_blob(name)
+            except Exception:  # the watcher thread must survive anything
+                log.exception("blob check failed", sha256=name)
+
+
+class _ConfigHandler(FileSystemEventHandler):
+    """Reload when the config file changes; editors replace files, so watch its directory."""
+
+    def __init__(self, path: Path, reload: Callable[[], None]) -> None:
+        self.path = os.path.realpath(path)
+        self.reload = reload
+        self._timer: threading.Timer | None = None
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        paths = {os.fsdecode(event.src_path), os.fsdecode(getattr(event, "dest_path", "") or "")}
+        if self.path not in {os.path.realpath(p) for p in paths if p}:
+            return
+        if event.event_type not in ("modified", "created", "moved", "closed"):
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(_DEBOUNCE_S, self.reload)  # one reload per burst of writes
+        self._timer.daemon = True
+        self._timer.start()
+
+
+class Watcher:
+    """One observer thread for both watches."""
+
+    def __init__(self, store: Store, config_path: str | None, reload: Callable[[], None]) -> None:
+        self.observer = Observer()
+        self.observer.daemon = True
+        self.observer.schedule(_BlobHandler(store), str(store.blobs), recursive=True)
+        if config_path:
+            path = Path(config_path)
+            self.observer.schedule(_ConfigHandler(path, reload), str(path.parent), recursive=False)
+
+    def start(self) -> None:
+        self.observer.start()
+
+    def stop(self) -> None:
+        self.observer.stop()
+        self.observer.join(5)
