@@ -20,10 +20,14 @@ __all__ = ["main"]
 
 
 def _load(config_path: str | None) -> Config:
+    from assetd import log
+
     try:
-        return load_config(config_path)
+        cfg = load_config(config_path)
     except ConfigError as exc:
         _fail(f"assetd: invalid config: {exc}", 2)
+    log.configure(cfg.log.format, cfg.log.level)  # stderr: stdout is the command's answer
+    return cfg
 
 
 def _fail(line: str, code: int) -> NoReturn:
