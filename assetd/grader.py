@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 import shutil
 import stat
 import tarfile
@@ -31,7 +32,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from assetd.client import AssetdClient
-from assetd.errors import AssetError, BadRequest, MalformedURI, NotAllowed, NotFound
+from assetd.errors import (
+    AssetError,
+    BadRequest,
+    MalformedURI,
+    NotAllowed,
+    NotFound,
+    TooLarge,
+)
 from assetd.log import get_logger
 from assetd.uri import LocalSource, parse_source
 
@@ -55,6 +63,7 @@ __all__ = [
 log = get_logger("assetd.grader")
 _FIELDS = frozenset({"source", "target", "read_only", "version_id"})
 _FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode Cc, as for sources
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +84,9 @@ class AssetSpec:
         if unknown:
             raise BadRequest(f"asset has unknown field '{unknown[0]}'")
         source = data.get("source")
-        if not isinstance(source, str) or not source:
+        if source is not None and not isinstance(source, str):
+            raise BadRequest("asset source must be a string")
+        if not source:
             raise MalformedURI("asset source is empty")
         parse_source(source)
         target = data.get("target")
@@ -94,7 +105,7 @@ class AssetSpec:
 def _check_target(target: str) -> None:
     if not target.startswith("/"):
         raise BadRequest(f"asset target '{target}' must be an absolute path")
-    if "\0" in target or any(ord(c) < 32 for c in target):
+    if _CONTROL.search(target):
         raise BadRequest("asset target contains control characters")
     if ".." in target.split("/"):
         raise BadRequest(f"asset target '{target}' must not contain '..'")
@@ -282,7 +293,11 @@ def bwrap_args(placed: Iterable[PlacedAsset]) -> list[str]:
 
 
 def docker_mounts(placed: Iterable[PlacedAsset]) -> list[dict[str, Any]]:
-    """Mount specs for Docker's API (``HostConfig.Mounts``; docker SDK: ``Mount(**spec)``)."""
+    """Mount specs for Docker's API (``HostConfig.Mounts``).
+
+    The docker SDK spells them ``Mount(target=..., source=..., type="bind",
+    read_only=...)``; these dicts are what it sends on the wire.
+    """
     return [
         {
             "Type": "bind",
@@ -312,13 +327,14 @@ def tar_stream(assets: Iterable[ResolvedAsset], *, chunk_size: int = 1 << 20) ->
             info.mtime = int(st.st_mtime)
             yield info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8")
             left = st.st_size
-            while left:
+            while left:  # never an empty chunk: a chunked HTTP body would end there
                 chunk = src.read(min(chunk_size, left))
                 if not chunk:
                     raise NotFound(f"asset for '{asset.spec.target}' shrank while being sent")
                 yield chunk
                 left -= len(chunk)
-        yield b"\0" * (-st.st_size % tarfile.BLOCKSIZE)
+        if st.st_size % tarfile.BLOCKSIZE:
+            yield b"\0" * (-st.st_size % tarfile.BLOCKSIZE)
     yield b"\0" * (2 * tarfile.BLOCKSIZE)  # end-of-archive marker
 
 
@@ -350,7 +366,7 @@ class AssetdBytesProvider:
             spec = AssetSpec.from_dict({"source": source, "target": target, "read_only": read_only})
             asset = self.resolver.provider_for(spec).resolve(spec)
             if asset.size > self.max_bytes:
-                raise BadRequest("asset is too large to hand over as bytes; mount it instead")
+                raise TooLarge("asset is too large to hand over as bytes; mount it instead")
             with open(asset.path, "rb") as f:
                 return f.read()
         except AssetError as exc:

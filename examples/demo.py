@@ -3,9 +3,10 @@
 1. Start SeaweedFS on 127.0.0.1 (free ports, credentials enforced) as the
    S3 engine, and upload tp2's RESTAURANTES.CSV (generated, fixed seed).
 2. Start `assetd serve` with read-only credentials for that bucket.
-3. Grade the reference and the wrong solution twice: the first round's
-   assets are cache misses, the second round's hits. Each student program
-   runs in bubblewrap with no network and an empty environment.
+3. Grade the reference and the wrong solution twice. The cache starts cold:
+   the very first job's resolve downloads the dataset (a miss), every job
+   after it is a hit. Each student program runs in bubblewrap with no
+   network, no capabilities and an empty environment.
 4. Show pre-flight refusing a missing object before any student code runs.
 5. Print the daemon's stats, stop everything, exit 0.
 """

@@ -95,6 +95,9 @@ def sandbox_argv(placed: list[PlacedAsset], solution: Path, command: list[str]) 
         "--unshare-ipc",
         "--unshare-uts",
         "--die-with-parent",
+        # as root, bwrap keeps its capabilities: without this a student could
+        # remount the read-only asset writable and rewrite the shared blob
+        "--cap-drop", "ALL",
         "--new-session",
         "--clearenv",
         "--setenv", "PATH", "/usr/bin",
@@ -142,15 +145,22 @@ def grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolve
         verdict.seconds = time.monotonic() - started
         return verdict
     verdict.cache = [a.cache or "local" for a in assets]
-    with tempfile.TemporaryDirectory(prefix="tp2-") as work:
-        placed = place_copies(assets, work)
-        proc = run_student(placed, solution)
+    # the key comes from the bytes as resolved, before any student code runs
     dataset = next(a for a in assets if a.spec.target == DATASET_TARGET)
     expected = expected_output(dataset.path.read_bytes())
+    with tempfile.TemporaryDirectory(prefix="tp2-") as work:
+        placed = place_copies(assets, work)
+        try:
+            proc = run_student(placed, solution)
+        except subprocess.TimeoutExpired:
+            verdict.status, verdict.detail = "fail", f"time limit of {RUN_TIMEOUT_S}s exceeded"
+            verdict.seconds = time.monotonic() - started
+            return verdict
     verdict.seconds = time.monotonic() - started
     if proc.returncode != 0:
         verdict.status = "fail"
-        verdict.detail = f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}"
+        last = proc.stderr.strip().splitlines()[-1:] or [""]
+        verdict.detail = f"exit {proc.returncode}: {last[0]}"
     elif proc.stdout == expected:
         verdict.status, verdict.detail = "pass", "output matches"
     else:
