@@ -289,12 +289,17 @@ class Store:
         value = self._rows.get(k, _MISSING)
         if value is not _MISSING or memory_only:
             return value
-        raw = self.index.get(k)
-        if raw is None:
-            return None
-        value = self._load(k, raw)
+        # under the lock: a row deleted between our read and our caching
+        # would otherwise come back from the dead
         with self._lock:
-            return self._rows.setdefault(k, value)
+            value = self._rows.get(k, _MISSING)
+            if value is not _MISSING:
+                return value
+            raw = self.index.get(k)
+            if raw is None:
+                return None
+            value = self._rows[k] = self._load(k, raw)
+            return value
 
     def _set(self, k: tuple[str, ...], value: Any, *, durable: bool = True) -> None:
         with self._lock:
@@ -445,21 +450,25 @@ class Store:
 
     def check_blob(self, sha256: str) -> bool:
         """Re-check one blob against its row (the watchdog's callback); True if it was bad."""
+        return self._check_blob(sha256, reason="modified under the cache") != "ok"
+
+    def _check_blob(self, sha256: str, *, reason: str) -> str:
+        """ "ok", "missing" (row dropped) or "quarantined", decided under the lock."""
         with self._lock:
             fp = self._get(("blob", sha256))
             if fp is None:
-                return False  # not ours (yet), or already handled
+                return "ok"  # not ours (yet), or already handled
             try:
                 st = os.stat(self.blob_path(sha256))
             except FileNotFoundError:
                 self._delete(("blob", sha256))
                 self._adjust(size=-int(fp[0]))
                 log.warning("blob deleted under the cache", sha256=sha256)
-                return True
+                return "missing"
             if fp == _fingerprint(st):
-                return False
-            self.quarantine(sha256, reason="modified under the cache")
-            return True
+                return "ok"
+            self.quarantine(sha256, reason=reason)
+            return "quarantined"
 
     def _scan_index(self) -> Iterator[tuple[Any, Any]]:
         """Every (key, value) of the index in one SQL pass.
@@ -503,18 +512,12 @@ class Store:
             started = time.monotonic()
             report = RecoveryReport(removed_temps=self.removed_temps)
             rows = self._load_all()
-            for k, fp in rows.items():
-                if k[0] != "blob":
-                    continue
-                try:
-                    st = os.stat(self.blob_path(k[1]))
-                except FileNotFoundError:
-                    with self._lock:
-                        self._delete(k)
-                    report.dropped_rows += 1
-                    continue
-                if fp != _fingerprint(st):
-                    report.quarantined += int(self.quarantine(k[1], reason="changed while down"))
+            for k in rows:
+                if k[0] == "blob":
+                    # re-checked under the lock: a resolve may have replaced it meanwhile
+                    outcome = self._check_blob(k[1], reason="changed while down")
+                    report.dropped_rows += outcome == "missing"
+                    report.quarantined += outcome == "quarantined"
             report.dropped_rows += self._drop_dangling()
             report.deleted_blobs = self._delete_unreferenced()
             with self._lock:
@@ -534,6 +537,7 @@ class Store:
             for k in [k for k in self._rows if k[0] == "obj"]:
                 if ("blob", self._rows[k].sha256) not in self._rows:
                     self._delete(k)
+                    self._adjust(entries=-1)
                     dropped += 1
             for k in [k for k in self._rows if k[0] == "cur"]:
                 if ("obj", k[1], k[2], self._rows[k][0]) not in self._rows:
@@ -608,7 +612,7 @@ class Store:
             total = self._totals[1] + self._reserved
             free = self.free_bytes() - self._reserved
             if total + need > max_bytes or free - need < min_free_bytes:
-                goal_total = min(int(max_bytes * low_water), max_bytes - need)
+                goal_total = max(0, min(int(max_bytes * low_water), max_bytes - need))
                 goal_free = min_free_bytes + need
                 refs: dict[str, int] = {}
                 for k, v in self._rows.items():
@@ -620,6 +624,11 @@ class Store:
                     if k[0] == "obj"
                     and (pin := self._pins.get(k) or (v.last_access, v.pinned_until))[1] <= now
                 )
+                most = self._freeable(candidates, refs)
+                if need and (
+                    total - most + need > max_bytes or free + most - need < min_free_bytes
+                ):
+                    candidates = []  # hopeless: keep the cache whole; the caller gets cache_full
                 for _last, k in candidates:
                     if total <= goal_total and free >= goal_free:
                         break
@@ -643,6 +652,19 @@ class Store:
         if report.removed_entries:
             log.info("evicted", **report.to_dict())
         return report
+
+    def _freeable(
+        self, candidates: list[tuple[float, tuple[str, ...]]], refs: dict[str, int]
+    ) -> int:
+        """Bytes that evicting every candidate would free (a dry run)."""
+        left, freed = dict(refs), 0
+        for _last, k in candidates:
+            sha = self._rows[k].sha256
+            left[sha] -= 1
+            if left[sha] == 0:
+                fp = self._rows.get(("blob", sha))
+                freed += int(fp[0]) if fp else 0
+        return freed
 
     def _drop_entry(self, k: tuple[str, ...]) -> None:
         """Remove one obj row and the cur pointer that names it."""

@@ -266,6 +266,7 @@ def test_watchdog_notices_deleted_blob_and_config_change(
     d.start()
     _wait_recovered(d)
     Path(_resolve(d, "datasets/w.csv")["path"]).unlink()
+    _wait_for_log(d, '"blob deleted under the cache"', timeout=10)  # before any resolve sees it
     d.config.write_text(d.config.read_text().replace(f'["{BUCKET}"]', '["elsewhere"]'))
     deadline = time.monotonic() + 10
     code = None
@@ -274,7 +275,6 @@ def test_watchdog_notices_deleted_blob_and_config_change(
         code = None if answer["ok"] else answer["error"]["code"]
         time.sleep(0.1)
     assert "not_allowed" == code
-    _wait_for_log(d, '"blob deleted under the cache"')
     _wait_for_log(d, '"reloaded"')
 
 
