@@ -323,27 +323,14 @@ class Daemon:
         req: Request, res: Resolved | None, err: AssetError | None, took: float
     ) -> None:
         """One event per resolve: which job got which bytes, or which error."""
+        fields: dict[str, Any] = {"source": req.source, "job": req.job}
         if res is not None:
-            log.info(
-                "resolve",
-                source=req.source,
-                version_id=res.version_id,
-                job=req.job,
-                cache=res.cache,
-                sha256=res.sha256,
-                bytes=res.size,
-                ms=round(took * 1000, 3),
+            fields.update(
+                version_id=res.version_id, cache=res.cache, sha256=res.sha256, bytes=res.size
             )
         elif err is not None:
-            log.info(
-                "resolve",
-                source=req.source,
-                version_id=req.version_id,
-                job=req.job,
-                error=err.code,
-                detail=err.detail,
-                ms=round(took * 1000, 3),
-            )
+            fields.update(version_id=req.version_id, error=err.code, detail=err.detail)
+        log.info("resolve", **fields, ms=round(took * 1000, 3))
 
     def offload(self, req: Request, started: float) -> asyncio.Future[bytes]:
         """Run a request that may block on the request pool; its answer as a future."""

@@ -10,10 +10,12 @@ import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from assetd.store import Entry, Store
+from tests.support.cache import commit_bytes
 
 
 @pytest.fixture
@@ -24,30 +26,9 @@ def store(tmp_path: Path) -> Iterator[Store]:
     s.close()
 
 
-def _commit(
-    store: Store,
-    data: bytes,
-    *,
-    bucket: str = "bucket",
-    key: str = "k",
-    etag: str = '"x"',
-    version_id: str | None = None,
-    requested_version: str | None = None,
-    pinned_until: float = 0.0,
-) -> tuple[Entry, Path]:
-    with store.staged() as st:
-        st.write(memoryview(data))
-        return store.commit(
-            st,
-            bucket=bucket,
-            key=key,
-            sha256=hashlib.sha256(data).hexdigest(),
-            size=len(data),
-            etag=etag,
-            version_id=version_id,
-            requested_version=requested_version,
-            pinned_until=pinned_until,
-        )
+def _commit(store: Store, data: bytes, **kwargs: Any) -> tuple[Entry, Path]:
+    kwargs.setdefault("etag", '"x"')
+    return commit_bytes(store, data, **kwargs)
 
 
 def _blob_files(store: Store) -> list[Path]:

@@ -16,7 +16,8 @@ import pytest
 
 import assetd.store
 from assetd import errors
-from assetd.store import Entry, Store
+from assetd.store import Store
+from tests.support.cache import commit_bytes
 
 FAR = 1e12  # a pin that never runs out during a test
 
@@ -65,28 +66,7 @@ def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _commit(
-    store: Store,
-    data: bytes,
-    *,
-    bucket: str = "bucket",
-    key: str = "k",
-    etag: str | None = None,
-    pinned_until: float = 0.0,
-) -> tuple[Entry, Path]:
-    with store.staged() as st:
-        st.write(memoryview(data))
-        return store.commit(
-            st,
-            bucket=bucket,
-            key=key,
-            sha256=_sha(data),
-            size=len(data),
-            etag=etag or f'"{key}"',
-            version_id=None,
-            requested_version=None,
-            pinned_until=pinned_until,
-        )
+_commit = commit_bytes
 
 
 def _data(i: int, size: int = 100) -> bytes:
