@@ -28,11 +28,9 @@ DEFAULT_TIMEOUT_S = 150.0
 class DaemonUnreachable(Unavailable):
     """The socket could not be opened, or the daemon hung up and stayed away."""
 
-    def __init__(self, socket_path: str, reason: str) -> None:
-        super().__init__(
-            f"cannot reach assetd at {socket_path}: {reason}; is the service running?",
-            detail=reason,
-        )
+    def __init__(self, socket_path: str, reason: str, *, denied: bool = False) -> None:
+        hint = "is this user in the socket's group?" if denied else "is the service running?"
+        super().__init__(f"cannot reach assetd at {socket_path}: {reason}; {hint}", detail=reason)
         self.socket_path = socket_path
 
 
@@ -71,7 +69,11 @@ class AssetdClient:
             sock.connect(self.socket_path)
         except OSError as exc:
             sock.close()
-            raise DaemonUnreachable(self.socket_path, exc.strerror or str(exc)) from exc
+            raise DaemonUnreachable(
+                self.socket_path,
+                exc.strerror or str(exc),
+                denied=isinstance(exc, PermissionError),
+            ) from exc
         self._sock = sock
         self._file = sock.makefile("rb")
 

@@ -90,6 +90,8 @@ class AssetService:
         """Apply reloadable settings (allowlists, limits, freshness) from a new config."""
         self.config = config
         self.policy = config.policy()
+        with self._lock:
+            self._negative.clear()  # a new allowlist or new credentials may change the answer
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
