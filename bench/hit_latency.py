@@ -21,6 +21,7 @@ Prints one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -140,7 +141,8 @@ def _echo_server(path: str) -> None:
 
 
 def echo_peer(work: Path, n: int) -> dict[str, float]:
-    path = str(work / "echo.sock")
+    path = tempfile.mktemp(prefix="echo-", suffix=".sock", dir=work)  # noqa: S306 - a socket name
+
     server = multiprocessing.Process(target=_echo_server, args=(path,), daemon=True)
     server.start()
     try:
@@ -149,6 +151,9 @@ def echo_peer(work: Path, n: int) -> dict[str, float]:
         return kept_open(path, n, expect=None)
     finally:
         server.kill()
+        server.join(5)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def in_process_floor(weed: SeaweedFS, cache: Path, n: int) -> dict[str, float]:
