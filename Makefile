@@ -48,6 +48,7 @@ demo: $(STAMP) sysdeps
 bench: $(STAMP)
 	$(BIN)/python bench/cold_fetch.py
 	$(BIN)/python bench/hit_latency.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
