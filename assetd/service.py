@@ -22,6 +22,7 @@ from assetd.errors import (
     AccessDenied,
     AssetError,
     BadRequest,
+    CacheFull,
     InternalError,
     NotFound,
     TransientError,
@@ -132,7 +133,7 @@ class AssetService:
             )
             if hit is None or not self._fresh(ask, hit, time.time()):
                 return None
-            return self._serve(ask, hit.entry, hit.path, "hit")
+            return self._serve(ask, hit.entry, hit.path, "hit")  # None: take the slow path
 
     def resolve(
         self, source: str, version_id: str | None = None, *, timeout_s: float | None = None
@@ -179,13 +180,16 @@ class AssetService:
             or now - hit.checked_at < self.config.cache.revalidate_after_s
         )
 
-    def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved:
+    def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved | None:
+        """The answer for ``entry``, pinned; None if it was evicted or quarantined meanwhile."""
         pin = self.store.touch(
             ask.source.bucket,
             ask.source.key,
             entry,
             pinned_until=time.time() + self.config.cache.pin_seconds,
         )
+        if pin is None:
+            return None
         self._count(_COUNTER[cache])
         return Resolved(
             source=ask.text,
@@ -199,6 +203,13 @@ class AssetService:
         )
 
     def _lookup_or_fetch(self, ask: _Ask, deadline: float) -> Resolved:
+        for _ in range(3):  # an entry evicted between lookup and pin: look again
+            answer = self._lookup_or_fetch_once(ask, deadline)
+            if answer is not None:
+                return answer
+        raise CacheFull("the cache is evicting faster than it can serve; try again")
+
+    def _lookup_or_fetch_once(self, ask: _Ask, deadline: float) -> Resolved | None:
         bucket, key = ask.source.bucket, ask.source.key
         hit = self.store.lookup(bucket, key, ask.version_id)
         meta: ObjectMeta | None = None
@@ -215,7 +226,10 @@ class AssetService:
                 return self._serve(ask, hit.entry, hit.path, "stale")
             if meta is None or meta.etag == hit.entry.etag:  # None: 304, unchanged
                 self.store.mark_checked(bucket, key)
-                return self._serve(ask, hit.entry, hit.path, "hit")
+                answer = self._serve(ask, hit.entry, hit.path, "hit")
+                if answer is not None:
+                    return answer
+                meta = None  # evicted while we asked S3: fetch it again
         (entry, path), shared = self._flight.do(
             ask.flight_key,
             lambda: self._fetch(ask, meta),

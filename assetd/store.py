@@ -159,6 +159,7 @@ class StagedBlob:
         self.path = Path(name)
         self.size = 0
         self._synced_to = 0
+        self.sealed = False
 
     def write(self, data: memoryview) -> None:
         try:
@@ -178,6 +179,7 @@ class StagedBlob:
         os.ftruncate(self.fd, 0)
         os.lseek(self.fd, 0, os.SEEK_SET)
         self.size = self._synced_to = 0
+        self.sealed = False
 
     def seal(self) -> None:
         """Make the bytes durable and read-only before they get a public name."""
@@ -186,6 +188,7 @@ class StagedBlob:
             os.fsync(self.fd)
         except OSError as exc:
             raise _disk_error(exc, "fsync temp file") from exc
+        self.sealed = True
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):
@@ -384,13 +387,31 @@ class Store:
         except OSError:
             ok = False
         if not ok:
-            # changed or gone under us: never served; the next fetch replaces it
-            self.quarantine(sha, reason="stat fingerprint changed")
-            self._delete(k)
-            self._adjust(entries=-1)
+            self._invalidate(k, entry, expected)
             return None
         last_access, pinned_until = self._pins.get(k) or (entry.last_access, entry.pinned_until)
         return Hit(entry, path, checked_at, last_access, pinned_until)
+
+    def _invalidate(self, k: tuple[str, ...], entry: Entry, expected: Any) -> None:
+        """A hit whose blob failed its check: never served; the next fetch replaces it.
+
+        Decided again under the lock, against what the check saw: a commit
+        may have published a fresh blob meanwhile, and that one is kept.
+        """
+        sha = entry.sha256
+        with self._lock:
+            current = self._rows.get(("blob", sha))
+            if current is not None and current == expected:
+                try:
+                    st = os.stat(self.blob_path(sha))
+                    changed = _fingerprint(st) != current
+                except FileNotFoundError:
+                    changed = True
+                if changed:
+                    self.quarantine(sha, reason="stat fingerprint changed")
+            if self._rows.get(k) is entry and ("blob", sha) not in self._rows:
+                self._delete(k)
+                self._adjust(entries=-1)
 
     def totals(self) -> tuple[int, int]:
         """(entries, bytes of unique blobs) in the index; counted by recovery on first use."""
@@ -413,17 +434,21 @@ class Store:
         if cur is not None:
             self._set(("cur", bucket, key), (cur[0], time.time() if now is None else now))
 
-    def touch(self, bucket: str, key: str, entry: Entry, *, pinned_until: float) -> float:
-        """Note an access and extend the entry's pin (in memory until the next flush).
+    def touch(self, bucket: str, key: str, entry: Entry, *, pinned_until: float) -> float | None:
+        """Pin a looked-up entry and note the access (in memory until the next flush).
 
-        Returns the entry's pin after the update.
+        Returns the pin, or None if the entry or its blob went away since the
+        lookup (evicted or quarantined): the caller must not hand out the
+        path then. Pinning and eviction share the lock, so once this returns
+        a pin the blob stays until the pin expires.
         """
         k = ("obj", bucket, key, self._tag(entry.etag, entry.version_id))
         with self._lock:
+            if self._rows.get(k) is None or ("blob", entry.sha256) not in self._rows:
+                return None
             pin = max(pinned_until, entry.pinned_until, self._pins.get(k, (0.0, 0.0))[1])
-            if k in self._rows:
-                self._pins[k] = (time.time(), pin)
-                self._dirty.add(k)
+            self._pins[k] = (time.time(), pin)
+            self._dirty.add(k)
         return pin
 
     # -- lifecycle: quarantine, recovery, eviction, verification ----------------
@@ -678,6 +703,7 @@ class Store:
     @contextlib.contextmanager
     def reserve(self, size: int, *, max_bytes: int, min_free_bytes: int) -> Iterator[None]:
         """Room for a download of ``size`` bytes, evicting if needed, else CacheFull."""
+        self._ensure_recovered()  # before the lock: recovery takes it itself
         with self._lock:
             report = self.evict(max_bytes=max_bytes, min_free_bytes=min_free_bytes, need=size)
             if report.full:
@@ -745,26 +771,32 @@ class Store:
         entry = Entry(sha256, size, etag, version_id, now, now, pinned_until)
         tag = self._tag(etag, version_id)
         obj_key = ("obj", bucket, key, tag)
+        # fsync before the lock: hits take it to pin, and must not wait on a disk flush
+        if not self._blob_ok(sha256):
+            staged.seal()
         # one publisher at a time, so two keys with the same bytes cannot
         # record each other's inode as the fingerprint
         with self._lock:
-            had_blob = self._blob_ok(sha256)
+            old_fp = self._get(("blob", sha256))
+            had_blob = bool(self._blob_ok(sha256))
             new_entry = self._get(obj_key) is None
-            fingerprint = self._publish(staged, sha256, path, exists=bool(had_blob))
+            fingerprint = self._publish(staged, sha256, path, exists=had_blob)
             with self.index.transact():
                 self._set(("blob", sha256), fingerprint)
                 self._pins.pop(obj_key, None)
                 self._set(obj_key, entry)
                 if not requested_version:  # a pinned version never moves what others see
                     self._set(("cur", bucket, key), (tag, now))
-            self._adjust(entries=int(new_entry), size=0 if had_blob else size)
+            replaced = int(old_fp[0]) if old_fp is not None and not had_blob else 0
+            self._adjust(entries=int(new_entry), size=0 if had_blob else size - replaced)
         return entry, path
 
     @staticmethod
     def _publish(staged: StagedBlob, sha256: str, path: Path, *, exists: bool) -> Fingerprint:
         if exists:
             return _fingerprint(os.stat(path))  # identical content is stored once
-        staged.seal()
+        if not staged.sealed:
+            staged.seal()  # raced with a delete of the copy we meant to share
         try:
             path.parent.mkdir(exist_ok=True)
             # No directory fsync: if power loss undoes the rename but keeps the

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -241,3 +242,61 @@ def test_deleted_object_on_revalidation_is_not_found(make_env: Callable[..., Env
         env.service.resolve(src)
     assert 0 == env.service.counters["stale"]
     assert 1 == env.service.errors["not_found"]
+
+
+def test_reserve_during_recovery_does_not_deadlock(tmp_path: Path) -> None:
+    """A miss while start-up recovery runs neither deadlocks nor blocks the hit path's lock."""
+    cfg = load_config(env={"ASSETD_CACHE_DIR": str(tmp_path / "c")})
+    fetcher = MemoryFetcher()
+    fetcher.put("bkt-test", "a", b"a" * 100)
+    store = Store(cfg.cache.dir)
+    slow = store._load_all
+
+    def slow_load_all() -> Any:
+        time.sleep(0.3)  # recovery holds its own lock while it scans
+        return slow()
+
+    store._load_all = slow_load_all  # type: ignore[method-assign]
+    service = AssetService(cfg, fetcher, store)
+    recovery = threading.Thread(target=store.recover)
+    recovery.start()
+    time.sleep(0.05)
+    answer: list[Any] = []
+    miss = threading.Thread(target=lambda: answer.append(service.resolve("s3://bkt-test/a")))
+    miss.start()
+    time.sleep(0.1)
+    took_lock = store._lock.acquire(timeout=2)
+    if took_lock:
+        store._lock.release()
+    recovery.join(5)
+    miss.join(5)
+    service.close()
+    store.close()
+    assert (True, "miss") == (took_lock, answer[0].cache)
+
+
+def test_entry_evicted_during_revalidation_is_fetched_again(tmp_path: Path) -> None:
+    """An entry evicted while its revalidation HEAD is out is never answered with its old path."""
+    cfg = load_config(env={"ASSETD_CACHE_DIR": str(tmp_path / "c")})
+    cache = dataclasses.replace(
+        cfg.cache, max_bytes=100 * 1024, min_free_bytes=0, pin_seconds=0.0, revalidate_after_s=0.0
+    )
+    cfg = dataclasses.replace(cfg, cache=cache)
+    fetcher = MemoryFetcher()
+    store = Store(cfg.cache.dir)
+    service = AssetService(cfg, fetcher, store)
+    fetcher.put("bkt-test", "old", b"o" * 1024)
+    first = service.resolve("s3://bkt-test/old")
+    real = fetcher.revalidate
+
+    def revalidate_then_evict(*args: Any, **kwargs: Any) -> Any:
+        out = real(*args, **kwargs)
+        store.evict(max_bytes=0, min_free_bytes=0)  # another miss made room meanwhile
+        return out
+
+    fetcher.revalidate = revalidate_then_evict  # type: ignore[method-assign]
+    again = service.resolve("s3://bkt-test/old")
+    exists = again.path.exists()
+    service.close()
+    store.close()
+    assert (first.sha256, "miss", True) == (again.sha256, again.cache, exists)
