@@ -157,7 +157,8 @@ class AssetdClient:
         request: dict[str, Any] = {"op": "prefetch", "sources": items}
         if timeout_s is not None:
             request["timeout_s"] = timeout_s
-        results: Sequence[dict[str, Any]] = self._checked(request)["results"]
+        wait = None if timeout_s is None else max(self.timeout, timeout_s + 5)
+        results: Sequence[dict[str, Any]] = self._checked(request, timeout=wait)["results"]
         if len(results) != len(items):
             raise BadRequest("daemon answered a different number of prefetch results")
         return [

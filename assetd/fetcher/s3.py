@@ -59,6 +59,13 @@ CLIENT_ERROR_CODES: dict[str, type[AssetError]] = {
     "KMS.AccessDeniedException": AccessDenied,
     "KMS.DisabledException": AccessDenied,
     "InvalidObjectState": AccessDenied,
+    # wrong region or endpoint for the bucket: no retry helps until the config changes
+    "301": AccessDenied,
+    "PermanentRedirect": AccessDenied,
+    "AuthorizationHeaderMalformed": AccessDenied,
+    # HEAD or GET of a version that is a delete marker
+    "405": NotFound,
+    "MethodNotAllowed": NotFound,
     "400": BadRequest,
     "InvalidArgument": BadRequest,
     "InvalidRequest": BadRequest,
@@ -98,6 +105,9 @@ _MESSAGES: dict[type[AssetError], str] = {
 }
 _SPECIAL = {
     "RequestTimeTooSkewed": "access to {uri} was denied by S3: host clock is skewed",
+    "PermanentRedirect": "S3 endpoint or region is wrong for the bucket of {uri}",
+    "AuthorizationHeaderMalformed": "S3 endpoint or region is wrong for the bucket of {uri}",
+    "301": "S3 endpoint or region is wrong for the bucket of {uri}",
     "NoSuchBucket": "bucket of {uri} does not exist",
     "NoSuchVersion": "version of {uri} does not exist",
     "SlowDown": "S3 is throttling requests",
@@ -295,7 +305,11 @@ class S3Fetcher(Fetcher):
             raise
         if 200 <= resp.status < 300:
             return target, conn, resp
-        body = resp.read() if method == "HEAD" else resp.read(64 * 1024)
+        try:
+            body = resp.read() if method == "HEAD" else resp.read(64 * 1024)
+        except Exception:
+            conn.close()
+            raise
         found = _ERROR_CODE.search(body)
         code = found.group(1).decode("utf-8", "replace") if found else ""
         if resp.isclosed() and not resp.will_close:
@@ -332,7 +346,11 @@ class S3Fetcher(Fetcher):
         self._count("head")
         try:
             target, conn, resp = self._request("HEAD", "head_object", params, headers, deadline)
-            resp.read()
+            try:
+                resp.read()
+            except Exception:
+                conn.close()
+                raise
             self._pool.put(target, conn)
             size = int(resp.getheader("Content-Length", ""))
         except S3ErrorResponse as exc:
