@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +70,11 @@ def fault_proxy(moto_server: str) -> Iterator[FaultProxy]:
     proxy = FaultProxy(port).start()
     yield proxy
     proxy.stop()
+
+
+@pytest.fixture
+def sock_path(tmp_path: Path) -> str:
+    """A socket path in tmp_path, short enough for AF_UNIX."""
+    path = str(tmp_path / "d.sock")
+    assert len(path) < 100, path
+    return path

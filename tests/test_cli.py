@@ -25,14 +25,6 @@ UNREACHABLE_SUFFIX = "is the service running?"
 
 
 @pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    """A socket path in tmp_path, short enough for AF_UNIX."""
-    path = str(tmp_path / "d.sock")
-    assert len(path) < 100, path
-    return path
-
-
-@pytest.fixture
 def daemon(sock_path: str) -> Iterator[Callable[[Script], FakeDaemon]]:
     """Start a FakeDaemon with a given script; stopped after the test."""
     started: list[FakeDaemon] = []

@@ -35,14 +35,6 @@ def resolved_body(source: str = "s3://b/k", cache: str = "miss", size: int = 10)
 
 
 @pytest.fixture
-def sock_path(tmp_path: Path) -> str:
-    """A socket path in tmp_path, short enough for AF_UNIX."""
-    path = str(tmp_path / "d.sock")
-    assert len(path) < 100, path
-    return path
-
-
-@pytest.fixture
 def serve(sock_path: str) -> Iterator[Callable[..., FakeDaemon]]:
     """Start a FakeDaemon on sock_path with a given script; stopped after the test."""
     started: list[FakeDaemon] = []
