@@ -141,6 +141,7 @@ def _unreachable(exc: DaemonUnreachable) -> NoReturn:
     _fail(exc.message, 3)
 
 
+_SECONDS = click.FloatRange(0, min_open=True)  # a bad --timeout is a usage error (exit 2)
 _socket_option = click.option(
     "--socket",
     "socket_path",
@@ -177,7 +178,13 @@ def serve(config_path: str | None, grace: float) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("--version-id", default=None, help="Resolve this object version.")
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Deadline in seconds.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Deadline in seconds.",
+)
 @click.option("--job", default=None, help="Caller label logged with the result.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
 @_socket_option
@@ -221,16 +228,26 @@ def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
         for item in items:
             if isinstance(item, str):
                 found.append((item, None))
-            elif isinstance(item, dict) and isinstance(item.get("source"), str):
+            elif (
+                isinstance(item, dict)
+                and isinstance(item.get("source"), str)
+                and isinstance(item.get("version_id"), str | None)
+            ):
                 found.append((item["source"], item.get("version_id")))
             else:
-                _fail(f"assetd: {arg}: each entry needs a string 'source'", 2)
+                _fail(f"assetd: {arg}: each entry needs a string 'source' (and 'version_id')", 2)
     return found
 
 
 @cli.command()
 @click.argument("items", nargs=-1, required=True)
-@click.option("--timeout", "timeout_s", type=float, default=None, help="Deadline per source.")
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Deadline per source.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON summary line.")
 @_socket_option
 def prefetch(

@@ -190,14 +190,15 @@ def _bool(v: object) -> bool:
 
 
 def _mode(v: object) -> int:
+    # a string only: TOML's 0o660 and a mistyped decimal 660 are both plain ints
     if isinstance(v, str):
         try:
-            v = int(v, 8)
+            mode = int(v, 8)
         except ValueError:
-            raise ValueError(f'expected an octal mode such as "0660", got {v!r}') from None
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
-        raise ValueError(f'expected an octal mode such as "0660", got {v!r}')
-    return v
+            mode = -1
+        if 0 <= mode <= 0o777:
+            return mode
+    raise ValueError(f'expected an octal mode as a string such as "0660", got {v!r}')
 
 
 def _list(item: Callable[[object], Any]) -> Callable[[object], tuple[Any, ...]]:

@@ -234,7 +234,10 @@ def encode_resolved(rid: RequestId, res: Resolved) -> bytes:
     fields = _resolved_fields(
         (res.source, res.path, res.size, res.sha256, res.etag, res.version_id, res.cache)
     )
-    return f'{head}"ok":true,{fields},"pinned_until":{res.pinned_until!r}}}\n'.encode()
+    try:
+        return f'{head}"ok":true,{fields},"pinned_until":{res.pinned_until!r}}}\n'.encode()
+    except UnicodeEncodeError:  # a lone surrogate in the id: the general path escapes it
+        return encode(ok_response(rid, res.to_dict()))
 
 
 def encode(message: dict[str, Any]) -> bytes:

@@ -126,6 +126,14 @@ def test_version_option() -> None:
     assert __version__ in result.stdout
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_bad_timeout_is_a_usage_error(value: str) -> None:
+    """--timeout must be a positive number: anything else exits 2 before any request."""
+    assert (
+        2 == run("get", "s3://bkt-test/k", "--timeout", value, "--socket", "/nonexistent").exit_code
+    )
+
+
 @pytest.mark.parametrize(
     "args",
     [("get", "s3://b/k"), ("stats",), ("stats", "--json"), ("prefetch", "s3://b/k")],

@@ -464,8 +464,9 @@ def test_mode_is_an_octal_string(tmp_path: Path) -> None:
     """socket_mode is written as an octal string; a bare integer is ambiguous and refused."""
     path = _write(tmp_path, "[daemon]\nsocket_mode = '0640'\n")
     assert 0o640 == load_config(path, env={}).daemon.socket_mode
-    with pytest.raises(ConfigError, match=r"daemon\.socket_mode"):
-        load_config(_write(tmp_path, "[daemon]\nsocket_mode = 660\n"), env={})
+    for bare in ("400", "0o660"):  # in range, yet ambiguous: 400 would read as 0o620
+        with pytest.raises(ConfigError, match=r"daemon\.socket_mode"):
+            load_config(_write(tmp_path, f"[daemon]\nsocket_mode = {bare}\n"), env={})
 
 
 @pytest.mark.parametrize(("text", "expected"), [("'yes'", True), ("'off'", False), ("true", True)])

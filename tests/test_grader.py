@@ -805,3 +805,12 @@ def test_tp2_student_cannot_rewrite_the_cache_blob(
     verdict = grade_one(tp2, daemon, solution)
     assert sha256(original) == sha256(blob.read_bytes())
     assert "pass" != verdict.status
+
+
+def test_tp2_invalid_setup_config_is_an_error_verdict(
+    tp2: tuple[ModuleType, ModuleType], tp2_daemon: tuple[Daemon, Path]
+) -> None:
+    """A setup config with a forbidden target gives an error verdict, not a traceback."""
+    setup = {"assets": [{"source": SRC, "target": "/proc/x"}]}
+    verdict = grade_one(tp2, tp2_daemon[0], TP2 / "solutions" / "reference.py", setup)
+    assert ("error", True) == (verdict.status, verdict.detail.startswith("invalid setup config"))

@@ -475,6 +475,13 @@ def test_encode_resolved_example() -> None:
     )
 
 
+def test_encode_resolved_lone_surrogate_id() -> None:
+    """An id holding a lone surrogate is escaped, as the generic encoder does, not an error."""
+    assert json.loads(encode(ok_response("\ud800", RESOLVED.to_dict()))) == json.loads(
+        encode_resolved("\ud800", RESOLVED)
+    )
+
+
 def test_encode_resolved_without_id_has_no_id() -> None:
     """Without an id, encode_resolved's answer has no id member."""
     answer = json.loads(encode_resolved(None, RESOLVED))

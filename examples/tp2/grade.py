@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assetd import AssetdClient
+from assetd.errors import AssetError
 from assetd.grader import (
     AssetSourceResolver,
     PlacedAsset,
@@ -48,7 +49,7 @@ RUN_TIMEOUT_S = 60
 @dataclass
 class Verdict:
     solution: str
-    status: str  # pass, fail, or error (pre-flight or sandbox failure)
+    status: str  # pass, fail (wrong output, crash, time limit), or error (pre-flight)
     detail: str = ""
     cache: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -137,6 +138,10 @@ def grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolve
     verdict = Verdict(solution.name, "error")
     try:
         assets = preflight(resolver, setup, job=f"tp2:{solution.name}")
+    except AssetError as exc:  # the setup config itself is invalid
+        verdict.detail = f"invalid setup config: {exc.code}: {exc.message}"
+        verdict.seconds = time.monotonic() - started
+        return verdict
     except PreflightError as exc:
         verdict.detail = "pre-flight failed: " + "; ".join(
             f"{f.target}: {f.code}: {f.message}" for f in exc.failures
