@@ -340,17 +340,16 @@ class Store:
 
     # -- reads ------------------------------------------------------------------
 
-    def _blob_ok(self, sha256: str, *, memory_only: bool = False) -> bool | None:
-        expected = self._get(("blob", sha256), memory_only=memory_only)
-        if expected is _MISSING:
-            return None
+    def _blob_ok(self, sha256: str) -> bool:
+        """The blob's row exists and its file still has the recorded fingerprint."""
+        expected = self._get(("blob", sha256))
         if expected is None:
             return False
         try:
             st = os.stat(self.blob_path(sha256))
         except OSError:
             return False
-        return bool(expected == (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
+        return bool(expected == _fingerprint(st))
 
     def lookup(
         self, bucket: str, key: str, version_id: str | None, *, memory_only: bool = False
@@ -778,7 +777,7 @@ class Store:
         # record each other's inode as the fingerprint
         with self._lock:
             old_fp = self._get(("blob", sha256))
-            had_blob = bool(self._blob_ok(sha256))
+            had_blob = self._blob_ok(sha256)
             new_entry = self._get(obj_key) is None
             fingerprint = self._publish(staged, sha256, path, exists=had_blob)
             with self.index.transact():
