@@ -79,16 +79,25 @@ class Metrics:
                 hist = self.latency[(op, outcome)] = Histogram()
             hist.observe(seconds)
 
+    def snapshot(self) -> list[tuple[tuple[str, str], Histogram]]:
+        """Copies of every histogram, sorted by (op, outcome)."""
+        with self._lock:
+            items = []
+            for k, h in self.latency.items():
+                copy = Histogram()
+                copy.counts, copy.total, copy.n = list(h.counts), h.total, h.n
+                items.append((k, copy))
+        return sorted(items, key=lambda item: item[0])
+
     def summary(self) -> dict[str, dict[str, dict[str, Any]]]:
         out: dict[str, dict[str, dict[str, Any]]] = {}
-        with self._lock:
-            for (op, outcome), h in sorted(self.latency.items()):
-                p50, p99 = h.quantile(0.5), h.quantile(0.99)
-                out.setdefault(op, {})[outcome] = {
-                    "count": h.n,
-                    "p50_le_ms": None if p50 is None else p50 * 1000,
-                    "p99_le_ms": None if p99 is None else p99 * 1000,
-                }
+        for (op, outcome), h in self.snapshot():
+            p50, p99 = h.quantile(0.5), h.quantile(0.99)
+            out.setdefault(op, {})[outcome] = {
+                "count": h.n,
+                "p50_le_ms": None if p50 is None else p50 * 1000,
+                "p99_le_ms": None if p99 is None else p99 * 1000,
+            }
         return out
 
 
@@ -121,14 +130,12 @@ class _Collector(Collector):
         hist = HistogramMetricFamily(
             "assetd_request_seconds", "Request latency", labels=["op", "outcome"]
         )
-        with self.metrics._lock:
-            items = [(k, list(h.counts), h.total) for k, h in self.metrics.latency.items()]
-        for (op, outcome), counts, total in sorted(items):
+        for (op, outcome), h in self.metrics.snapshot():
             cumulative, buckets = 0, []
-            for bound, c in zip([*BUCKETS, float("inf")], counts, strict=True):
+            for bound, c in zip([*BUCKETS, float("inf")], h.counts, strict=True):
                 cumulative += c
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
-            hist.add_metric([op, outcome], buckets, total)
+            hist.add_metric([op, outcome], buckets, h.total)
         yield hist
 
 

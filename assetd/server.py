@@ -301,8 +301,7 @@ class Daemon:
         return bool(gids) and bool(_peer_groups(pid) & set(gids))
 
     def count_error(self, code: str) -> None:
-        with self.service._lock:
-            self.service.errors[code] += 1
+        self.service.count_error(code)
 
     # -- answers ----------------------------------------------------------------
 
@@ -403,18 +402,16 @@ class Daemon:
 
     def stats(self) -> dict[str, Any]:
         entries, size = self.service.store.totals()
-        c = self.service.counters
-        with self.service._lock:
-            errors = dict(self.service.errors)
+        c, errors = self.service.snapshot()
         return {
             "entries": entries,
             "bytes": size,
-            "hits": c["hits"],
-            "misses": c["misses"],
-            "coalesced": c["coalesced"],
-            "stale": c["stale"],
+            "hits": c.get("hits", 0),
+            "misses": c.get("misses", 0),
+            "coalesced": c.get("coalesced", 0),
+            "stale": c.get("stale", 0),
             "errors": errors,
-            "bytes_fetched": c["bytes_fetched"],
+            "bytes_fetched": c.get("bytes_fetched", 0),
             "s3_requests": {
                 "head": self.service.fetcher.requests["head"],
                 "get": self.service.fetcher.requests["get"],
@@ -435,12 +432,13 @@ class Daemon:
         except ConfigError as exc:
             log.error("reload failed; keeping the running config", error=str(exc))
             return
+        running = self.config.values()
         fixed = {
             name
             for name, value in fresh.values().items()
             if name.split(".")[0] in ("cache", "daemon", "metrics", "log")
             and name not in _RELOADABLE
-            and value != self.config.values()[name]
+            and value != running[name]
         }
         if fixed:
             log.warning("reload: these keys need a restart", keys=sorted(fixed))

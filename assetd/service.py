@@ -104,13 +104,21 @@ class AssetService:
         try:
             yield
         except AssetError as exc:
-            with self._lock:
-                self.errors[exc.code] += 1
+            self.count_error(exc.code)
             raise
         except Exception as exc:
-            with self._lock:
-                self.errors["internal"] += 1
+            self.count_error("internal")
             raise InternalError("internal error in assetd", detail=repr(exc)) from exc
+
+    def count_error(self, code: str) -> None:
+        """Count a failure, including ones the daemon answers before reaching the service."""
+        with self._lock:
+            self.errors[code] += 1
+
+    def snapshot(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Copies of (counters, errors by code), consistent with each other."""
+        with self._lock:
+            return dict(self.counters), dict(self.errors)
 
     def _ask(self, text: str, version_id: str | None) -> _Ask:
         source = parse_s3(text)
