@@ -1,14 +1,21 @@
 """A blocking client for the daemon's socket: what graders and the CLI use.
 
-One connection, reused across calls and re-opened when the daemon has
-restarted under it. Failures arrive as the daemon's own error classes
-(:meth:`AssetError.from_dict`); a daemon that cannot be reached raises
-:class:`DaemonUnreachable`.
+:class:`AssetdClient` holds one connection, reused across calls and
+re-opened when the daemon has restarted under it; threads may share it, but
+their calls take turns on that connection. :class:`AssetdClientPool` gives
+each concurrent call a connection of its own, so one thread's slow download
+never holds up another's cache hit. Failures arrive as the daemon's own
+error classes (:meth:`AssetError.from_dict`); a daemon that cannot be
+reached raises :class:`DaemonUnreachable`.
+
+Logging goes through the stdlib logger ``assetd.client``: the host
+application decides where it ends up (see :mod:`assetd.log`).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -18,7 +25,9 @@ from typing import Any
 from assetd.errors import AssetError, BadRequest, InternalError, Unavailable
 from assetd.protocol import Resolved
 
-__all__ = ["DEFAULT_SOCKET", "AssetdClient", "DaemonUnreachable"]
+__all__ = ["DEFAULT_SOCKET", "AssetdClient", "AssetdClientPool", "DaemonUnreachable"]
+
+log = logging.getLogger("assetd.client")
 
 DEFAULT_SOCKET = "/run/assetd/assetd.sock"
 # longer than the daemon's default deadline (s3.deadline_s = 120): let it answer timeout
@@ -108,6 +117,7 @@ class AssetdClient:
                     # a kept connection may predate a daemon restart: one fresh try
                     if fresh or attempt == 2:
                         raise DaemonUnreachable(self.socket_path, str(exc)) from exc
+                    log.debug("assetd connection lost (%s); reconnecting", exc)
         try:
             reply = json.loads(answer)
         except ValueError:
@@ -172,3 +182,87 @@ class AssetdClient:
         reply.pop("id", None)
         reply.pop("ok", None)
         return reply
+
+
+class AssetdClientPool:
+    """Thread-safe connections to assetd: each concurrent call gets its own.
+
+    Idle connections are kept (up to ``max_idle``) and reused, so a single
+    thread keeps using one connection; N threads calling at once use N.
+    ``close()`` closes the idle ones now and any in use when they come back;
+    a call after ``close()`` opens a fresh connection, like
+    :meth:`AssetdClient.close`.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT_S,
+        *,
+        max_idle: int = 8,
+    ) -> None:
+        self.socket_path = socket_path or os.environ.get("ASSETD_SOCKET") or DEFAULT_SOCKET
+        self.timeout = timeout
+        self.max_idle = max_idle
+        self._lock = threading.Lock()
+        self._idle: list[AssetdClient] = []
+        self._busy: set[AssetdClient] = set()
+        self._generation = 0  # bumped by close(): connections out at that time are not kept
+
+    def _borrow(self) -> tuple[AssetdClient, int]:
+        with self._lock:
+            client = self._idle.pop() if self._idle else None
+            if client is None:
+                client = AssetdClient(self.socket_path, self.timeout)
+            self._busy.add(client)
+            return client, self._generation
+
+    def _give_back(self, client: AssetdClient, generation: int) -> None:
+        with self._lock:
+            self._busy.discard(client)
+            if generation == self._generation and len(self._idle) < self.max_idle:
+                self._idle.append(client)
+                return
+        client.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._generation += 1
+            idle, self._idle = self._idle, []
+        for client in idle:
+            client.close()
+
+    def __enter__(self) -> AssetdClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def open_connections(self) -> int:
+        """Connections held now, idle or in use (for tests and monitoring)."""
+        with self._lock:
+            return len(self._idle) + len(self._busy)
+
+    def resolve(
+        self,
+        source: str,
+        version_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        job: str | None = None,
+    ) -> Resolved:
+        """As :meth:`AssetdClient.resolve`, on a connection no other thread is using."""
+        client, generation = self._borrow()
+        try:
+            return client.resolve(source, version_id, timeout_s=timeout_s, job=job)
+        finally:
+            self._give_back(client, generation)
+
+    def ping(self) -> str:
+        """The daemon's version."""
+        client, generation = self._borrow()
+        try:
+            return client.ping()
+        finally:
+            self._give_back(client, generation)

@@ -2,7 +2,7 @@
 
 ::
 
-    AssetError                      (base; never raised itself)
+    AssetError                      (base, a RuntimeError; never raised itself)
     ├── RequestError                caller's input or rights; never retryable
     │   ├── BadRequest              bad_request
     │   ├── MalformedURI            malformed_uri
@@ -21,6 +21,9 @@
         └── InternalError           internal
 
     ConfigError                     (separate root: a bad config at start-up)
+
+``AssetError`` derives from ``RuntimeError`` so that graders written
+against providers that raised a bare ``RuntimeError`` keep catching it.
 
 ``message`` is what a grader may show a student: deterministic for the same
 cause, with no request ids, timestamps or host paths. ``detail`` is for logs
@@ -54,7 +57,7 @@ __all__ = [
 ]
 
 
-class AssetError(Exception):
+class AssetError(RuntimeError):
     """Base of every error assetd reports over the wire."""
 
     code: ClassVar[str] = "internal"

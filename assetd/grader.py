@@ -13,12 +13,20 @@ in the sandbox:
 ``get_asset(source, target, read_only) -> bytes | None`` working unchanged.
 
 Nothing here talks to S3 or holds a credential: ``s3://`` sources go to the
-daemon, local sources are read under a configured root.
+daemon, local sources are read under a configured root. A blob found
+missing or changed when it is placed is a retryable error (``unavailable``
+or ``integrity``), never the student's failure.
+
+This module runs inside the grader's process, so it logs through the stdlib
+logger ``assetd.grader`` and never prints: the host application decides
+where those records go (see :mod:`assetd.log`).
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
+import hashlib
+import logging
 import os
 import posixpath
 import re
@@ -26,21 +34,25 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from assetd.client import AssetdClient
+from assetd.client import AssetdClientPool
 from assetd.errors import (
     AssetError,
     BadRequest,
+    ConfigError,
+    IntegrityError,
     MalformedURI,
     NotAllowed,
     NotFound,
     TooLarge,
+    Unavailable,
 )
-from assetd.log import get_logger
+from assetd.protocol import Resolved
 from assetd.uri import LocalSource, parse_source
 
 __all__ = [
@@ -54,13 +66,14 @@ __all__ = [
     "PreflightFailure",
     "ResolvedAsset",
     "bwrap_args",
+    "check_assets",
     "docker_mounts",
     "parse_assets",
     "place_copies",
     "tar_stream",
 ]
 
-log = get_logger("assetd.grader")
+log = logging.getLogger("assetd.grader")
 _FIELDS = frozenset({"source", "target", "read_only", "version_id"})
 _FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode Cc, as for sources
@@ -99,10 +112,24 @@ class AssetSpec:
         version_id = data.get("version_id")
         if version_id is not None and (not isinstance(version_id, str) or not version_id):
             raise BadRequest("asset version_id must be a non-empty string")
+        if version_id is not None and not _encodable(version_id):
+            raise BadRequest("asset version_id is not valid UTF-8 text")
         return AssetSpec(source, target, read_only, version_id)
 
 
+def _encodable(text: str) -> bool:
+    # lone surrogates (from JSON "\udc80" escapes or surrogateescape) pass str checks
+    # but cannot reach argv, a tar header or the wire: refuse them here, once
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_target(target: str) -> None:
+    if not _encodable(target):
+        raise BadRequest("asset target is not valid UTF-8 text (it contains a lone surrogate)")
     if not target.startswith("/"):
         raise BadRequest(f"asset target '{target}' must be an absolute path")
     if _CONTROL.search(target):
@@ -171,10 +198,23 @@ class LocalProvider:
         return ResolvedAsset(spec, real, st.st_size)
 
 
+class Resolves(Protocol):
+    """What DaemonProvider needs of a client: AssetdClient or AssetdClientPool."""
+
+    def resolve(
+        self,
+        source: str,
+        version_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        job: str | None = None,
+    ) -> Resolved: ...
+
+
 class DaemonProvider:
     """``s3://`` sources, resolved by the assetd daemon."""
 
-    def __init__(self, client: AssetdClient, *, timeout_s: float | None = None) -> None:
+    def __init__(self, client: Resolves, *, timeout_s: float | None = None) -> None:
         self.client = client
         self.timeout_s = timeout_s
 
@@ -216,27 +256,65 @@ class PreflightError(Exception):
 
 
 class AssetSourceResolver:
-    """Picks a provider by scheme and resolves a whole asset list pre-flight."""
+    """Picks a provider by scheme and resolves a whole asset list pre-flight.
+
+    A source without a scheme is a local file under ``local_root``, or, with
+    ``legacy_bucket``, a key in that bucket (``data/x.csv`` is read as
+    ``s3://<legacy_bucket>/data/x.csv``), for setup configs written for
+    providers that took the bucket from their own settings. The two options
+    exclude each other: a bare source must mean one thing.
+    """
 
     def __init__(
         self,
         *,
-        client: AssetdClient | None = None,
+        client: Resolves | None = None,
         local_root: str | os.PathLike[str] | None = None,
+        legacy_bucket: str | None = None,
         timeout_s: float | None = None,
     ) -> None:
+        if local_root is not None and legacy_bucket is not None:
+            raise ConfigError(
+                "legacy_bucket and local_root exclude each other: a source without a scheme"
+                " is either a key in legacy_bucket or a file under local_root"
+            )
+        if legacy_bucket is not None:
+            try:
+                parse_source(f"s3://{legacy_bucket}/k")
+            except AssetError as exc:
+                raise ConfigError(f"legacy_bucket: {exc.message}") from None
         self.daemon = DaemonProvider(client, timeout_s=timeout_s) if client else None
         self.local = LocalProvider(local_root) if local_root is not None else None
+        self.legacy_bucket = legacy_bucket
 
-    def provider_for(self, spec: AssetSpec) -> Provider:
+    def _routed(self, spec: AssetSpec) -> tuple[AssetSpec, Provider]:
         parsed = parse_source(spec.source)
         if isinstance(parsed, LocalSource):
-            if self.local is None:
-                raise NotAllowed("local sources are not enabled on this grader")
-            return self.local
+            if self.legacy_bucket is not None:
+                mapped = f"s3://{self.legacy_bucket}/{spec.source}"
+                parse_source(mapped)  # S3's key rules, e.g. its length limit
+                spec = dataclasses.replace(spec, source=mapped)
+            elif self.local is None:
+                raise NotAllowed(
+                    f"source '{spec.source}' has no scheme; write it as s3://<bucket>/{spec.source},"
+                    " or give the grader legacy_bucket (bare keys are S3 keys in that bucket)"
+                    " or local_root (bare paths are local files)"
+                )
+            else:
+                return spec, self.local
         if self.daemon is None:
             raise NotAllowed("s3 sources need the assetd daemon, which is not configured")
-        return self.daemon
+        return spec, self.daemon
+
+    def provider_for(self, spec: AssetSpec) -> Provider:
+        """The provider that resolves ``spec`` (the daemon, or the local root)."""
+        return self._routed(spec)[1]
+
+    def resolve(self, spec: AssetSpec, *, job: str | None = None) -> ResolvedAsset:
+        """One asset; raises its AssetError. The result keeps ``spec`` as given."""
+        routed, provider = self._routed(spec)
+        resolved = provider.resolve(routed, job=job)
+        return dataclasses.replace(resolved, spec=spec) if routed is not spec else resolved
 
     def resolve_assets(
         self, specs: Iterable[AssetSpec], *, job: str | None = None
@@ -246,13 +324,65 @@ class AssetSourceResolver:
         failures: list[PreflightFailure] = []
         for spec in specs:
             try:
-                resolved.append(self.provider_for(spec).resolve(spec, job=job))
+                resolved.append(self.resolve(spec, job=job))
             except AssetError as exc:
                 failures.append(PreflightFailure(spec.source, spec.target, exc.code, exc.message))
         if failures:
-            log.warning("pre-flight failed", job=job, failures=[f.to_dict() for f in failures])
+            summary = "; ".join(f"{f.target}: {f.code}" for f in failures)
+            log.warning(
+                "pre-flight failed (job %s): %s",
+                job,
+                summary,
+                extra={"fields": {"job": job, "failures": [f.to_dict() for f in failures]}},
+            )
             raise PreflightError(failures)
         return resolved
+
+
+def check_assets(assets: Iterable[ResolvedAsset], *, verify_sha256: bool = False) -> None:
+    """Check, right before placement, that each resolved file is still what was resolved.
+
+    A file that is gone (evicted, removed by maintenance) raises
+    ``Unavailable``; one that is no longer a regular file of the resolved size
+    (or, with ``verify_sha256``, of the resolved content) raises
+    ``IntegrityError``. Both are retryable: an infrastructure fault, never a
+    student's failure. Messages name the target, never the host path.
+    """
+    for asset in assets:
+        target = asset.spec.target
+        try:
+            st = os.stat(asset.path)
+        except FileNotFoundError:
+            raise Unavailable(
+                f"the cached file for '{target}' disappeared before it was placed; retry the job",
+                detail=str(asset.path),
+            ) from None
+        except OSError as exc:
+            raise Unavailable(
+                f"the cached file for '{target}' cannot be read; retry the job",
+                detail=f"{asset.path}: {exc}",
+            ) from None
+        if not stat.S_ISREG(st.st_mode) or st.st_size != asset.size:
+            raise IntegrityError(
+                f"the cached file for '{target}' changed after it was resolved; retry the job",
+                detail=f"{asset.path}: size {st.st_size}, resolved {asset.size}",
+            )
+        if verify_sha256 and asset.sha256 is not None:
+            digest = hashlib.sha256()
+            try:
+                with open(asset.path, "rb") as f:
+                    while chunk := f.read(1 << 20):
+                        digest.update(chunk)
+            except OSError as exc:
+                raise Unavailable(
+                    f"the cached file for '{target}' cannot be read; retry the job",
+                    detail=f"{asset.path}: {exc}",
+                ) from None
+            if digest.hexdigest() != asset.sha256:
+                raise IntegrityError(
+                    f"the cached file for '{target}' changed after it was resolved; retry the job",
+                    detail=f"{asset.path}: sha256 {digest.hexdigest()}, resolved {asset.sha256}",
+                )
 
 
 # --- placement -------------------------------------------------------------------------
@@ -277,8 +407,22 @@ def place_copies(
             placed.append(PlacedAsset(asset.path, asset.spec.target, writable=False))
             continue
         fd, name = tempfile.mkstemp(prefix="asset-", dir=workdir)
-        with os.fdopen(fd, "wb") as out, open(asset.path, "rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
+        with os.fdopen(fd, "wb") as out:
+            try:
+                src = open(asset.path, "rb")  # noqa: SIM115 - closed just below
+            except OSError as exc:
+                check_assets([asset])  # gone or changed: says which
+                raise Unavailable(
+                    f"the cached file for '{asset.spec.target}' cannot be read; retry the job",
+                    detail=f"{asset.path}: {exc}",
+                ) from None
+            with src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        if os.path.getsize(name) != asset.size:
+            raise IntegrityError(
+                f"the cached file for '{asset.spec.target}' changed while it was copied;"
+                " retry the job"
+            )
         os.chmod(name, 0o644)
         placed.append(PlacedAsset(Path(name), asset.spec.target, writable=True))
     return placed
@@ -345,36 +489,118 @@ class AssetdBytesProvider:
     """``get_asset(source, target, read_only) -> bytes | None``, backed by assetd.
 
     For graders that pass file contents around (the webtech-network
-    autograder's provider interface). Failures return None, as that
-    interface expects; ``last_error`` keeps the stable code and message.
+    autograder's provider interface). Two ways to fail:
+
+    - ``raise_errors=False`` (the default, for callers written against that
+      interface): a failure returns ``None``; the calling thread's
+      ``last_error`` holds the AssetError with its code;
+    - ``raise_errors=True``: the AssetError itself is raised (a
+      ``RuntimeError``, so ``except RuntimeError`` still catches it), with
+      ``str(exc)`` reading ``TARGET: CODE: MESSAGE``.
+
+    A zero-byte asset returns ``b""``: test the result with ``is None``.
+    Safe to share between threads: without a ``client`` the provider keeps a
+    pool of connections (one per concurrent call), which ``close()`` (or
+    leaving a ``with`` block) closes. A ``client`` passed in is the caller's
+    to close.
     """
 
     def __init__(
         self,
-        client: AssetdClient | None = None,
+        client: Resolves | None = None,
         *,
+        socket_path: str | None = None,
         local_root: str | os.PathLike[str] | None = None,
+        legacy_bucket: str | None = None,
         max_bytes: int = 256 << 20,
+        timeout_s: float | None = None,
+        raise_errors: bool = False,
     ) -> None:
-        self.resolver = AssetSourceResolver(client=client or AssetdClient(), local_root=local_root)
+        if client is not None and socket_path is not None:
+            raise ConfigError("give AssetdBytesProvider a client or a socket_path, not both")
+        self._pool = AssetdClientPool(socket_path) if client is None else None
+        self.resolver = AssetSourceResolver(
+            client=client or self._pool,
+            local_root=local_root,
+            legacy_bucket=legacy_bucket,
+            timeout_s=timeout_s,
+        )
         self.max_bytes = max_bytes
-        self.last_error: AssetError | None = None
+        self.raise_errors = raise_errors
+        self._local = threading.local()
 
-    def get_asset(self, source: str, target: str, read_only: bool = True) -> bytes | None:
-        self.last_error = None
+    @property
+    def last_error(self) -> AssetError | None:
+        """The calling thread's last failure (None after a success): never another thread's."""
+        error: AssetError | None = getattr(self._local, "last_error", None)
+        return error
+
+    def close(self) -> None:
+        """Close the connections this provider opened (not a client passed in)."""
+        if self._pool is not None:
+            self._pool.close()
+
+    def __enter__(self) -> AssetdBytesProvider:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def get_asset(
+        self,
+        source: str,
+        target: str,
+        read_only: bool = True,
+        *,
+        version_id: str | None = None,
+        job: str | None = None,
+    ) -> bytes | None:
+        """The asset's bytes; on failure None (or the AssetError, with ``raise_errors``)."""
+        self._local.last_error = None
         try:
-            spec = AssetSpec.from_dict({"source": source, "target": target, "read_only": read_only})
-            asset = self.resolver.provider_for(spec).resolve(spec)
-            if asset.size > self.max_bytes:
-                raise TooLarge("asset is too large to hand over as bytes; mount it instead")
-            with open(asset.path, "rb") as f:
-                return f.read()
+            return self._fetch(source, target, read_only, version_id, job)
         except AssetError as exc:
-            self.last_error = exc
-            log.warning("get_asset failed", source=source, code=exc.code, message=exc.message)
+            self._local.last_error = exc
+            log.warning(
+                "get_asset %s <- %s failed: %s: %s",
+                target,
+                source,
+                exc.code,
+                exc.message,
+                extra={"fields": {"source": source, "target": target, "code": exc.code}},
+            )
+            if self.raise_errors:
+                exc.args = (f"{target}: {exc.code}: {exc.message}",)
+                raise
             return None
+
+    def _fetch(
+        self,
+        source: str,
+        target: str,
+        read_only: bool,
+        version_id: str | None,
+        job: str | None,
+    ) -> bytes:
+        entry: dict[str, Any] = {"source": source, "target": target, "read_only": read_only}
+        if version_id is not None:
+            entry["version_id"] = version_id
+        asset = self.resolver.resolve(AssetSpec.from_dict(entry), job=job)
+        if asset.size > self.max_bytes:
+            raise TooLarge("asset is too large to hand over as bytes; mount it instead")
+        try:
+            with open(asset.path, "rb") as f:
+                data = f.read(self.max_bytes + 1)
         except OSError as exc:
-            with contextlib.suppress(Exception):
-                log.warning("get_asset failed", source=source, error=str(exc))
-            self.last_error = NotFound("asset file could not be read")
-            return None
+            check_assets([asset])  # gone or changed: says which
+            raise Unavailable(
+                f"the cached file for '{target}' cannot be read; retry the job",
+                detail=f"{asset.path}: {exc}",
+            ) from None
+        if len(data) != asset.size or (
+            asset.sha256 is not None and hashlib.sha256(data).hexdigest() != asset.sha256
+        ):
+            raise IntegrityError(
+                f"the cached file for '{target}' changed after it was resolved; retry the job"
+            )
+        return data

@@ -468,7 +468,8 @@ def blobs(tmp_path: Path) -> tuple[ResolvedAsset, ResolvedAsset]:
         blob.parent.mkdir(exist_ok=True)
         blob.write_bytes(data)
         blob.chmod(0o444)
-        out.append(ResolvedAsset(AssetSpec(f"s3://{BUCKET}/{name}", target, read_only), blob, 0))
+        spec = AssetSpec(f"s3://{BUCKET}/{name}", target, read_only)
+        out.append(ResolvedAsset(spec, blob, len(data)))
     return out[0], out[1]
 
 
