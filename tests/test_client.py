@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,7 +14,7 @@ from typing import Any
 import pytest
 
 from assetd import errors
-from assetd.client import DEFAULT_SOCKET, AssetdClient, DaemonUnreachable
+from assetd.client import DEFAULT_SOCKET, AssetdClient, AssetdClientPool, DaemonUnreachable
 from assetd.protocol import Resolved
 from tests.support.fakedaemon import FakeDaemon, Script
 
@@ -362,3 +363,92 @@ def test_client_is_thread_safe(serve: Callable[..., FakeDaemon], sock_path: str)
         for t in threads:
             t.join(10)
     assert sorted(f"s3://b/{n}-{i}" for n in range(4) for i in range(10)) == sorted(seen)
+
+
+# --- AssetdClientPool ----------------------------------------------------------------------
+
+
+def test_pool_gives_concurrent_calls_their_own_connection(
+    serve: Callable[..., FakeDaemon], sock_path: str
+) -> None:
+    """A call stuck on a slow answer does not hold up another thread's call."""
+    slow_seen = threading.Event()
+
+    def script(req: dict[str, Any]) -> Any:
+        if req["source"] == "s3://b/slow":
+            slow_seen.set()
+            return None  # never answers until the daemon stops
+        return resolved_body(req["source"])
+
+    daemon = serve(script)
+    with AssetdClientPool(sock_path, timeout=20) as pool:
+        stuck = threading.Thread(target=lambda: _swallow(pool.resolve, "s3://b/slow"))
+        stuck.start()
+        assert slow_seen.wait(5)
+        assert "s3://b/fast" == pool.resolve("s3://b/fast").source
+        # answered while the slow call is still waiting: not queued behind it
+        assert (True, 2) == (stuck.is_alive(), daemon.connections)
+        daemon.released.set()
+        stuck.join(30)
+
+
+def _swallow(call: Callable[..., Any], *args: Any) -> None:
+    with contextlib.suppress(errors.AssetError):
+        call(*args)
+
+
+def test_pool_reuses_one_connection_for_sequential_calls(
+    serve: Callable[..., FakeDaemon], sock_path: str
+) -> None:
+    """One thread calling again and again uses a single connection."""
+    daemon = serve(lambda req: resolved_body(req["source"]))
+    with AssetdClientPool(sock_path, timeout=5) as pool:
+        for i in range(5):
+            pool.resolve(f"s3://b/{i}")
+        assert (1, 1) == (daemon.connections, pool.open_connections)
+
+
+def test_pool_close_closes_its_connections(
+    serve: Callable[..., FakeDaemon], sock_path: str
+) -> None:
+    """close() leaves no connection open; a later call opens a fresh one."""
+    daemon = serve(lambda req: resolved_body(req["source"]))
+    pool = AssetdClientPool(sock_path, timeout=5)
+    pool.resolve("s3://b/k")
+    pool.close()
+    assert 0 == pool.open_connections
+    assert "s3://b/k2" == pool.resolve("s3://b/k2").source
+    assert 2 == daemon.connections
+    pool.close()
+
+
+def test_pool_errors_keep_their_codes(serve: Callable[..., FakeDaemon], sock_path: str) -> None:
+    """A daemon error answer raises its class through the pool, and the connection is kept."""
+    serve(lambda req: {"ok": False, "error": {"code": "not_found", "message": "gone"}})
+    with AssetdClientPool(sock_path, timeout=5) as pool:
+        with pytest.raises(errors.NotFound):
+            pool.resolve("s3://b/k")
+        assert 1 == pool.open_connections
+
+
+def test_pool_close_during_a_call_closes_that_connection_after(
+    serve: Callable[..., FakeDaemon], sock_path: str
+) -> None:
+    """A connection in use when close() runs is closed when its call returns, not kept."""
+    asked = threading.Event()
+    go = threading.Event()
+
+    def script(req: dict[str, Any]) -> Any:
+        asked.set()
+        go.wait(10)
+        return resolved_body(req["source"])
+
+    serve(script)
+    pool = AssetdClientPool(sock_path, timeout=20)
+    call = threading.Thread(target=pool.resolve, args=("s3://b/k",))
+    call.start()
+    assert asked.wait(5)
+    pool.close()
+    go.set()
+    call.join(10)
+    assert 0 == pool.open_connections

@@ -9,6 +9,7 @@ bubblewrap against the same fake daemon.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import io
@@ -19,6 +20,8 @@ import stat
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -27,7 +30,7 @@ from typing import Any
 import pytest
 
 from assetd.client import AssetdClient
-from assetd.errors import AssetError
+from assetd.errors import AssetError, ConfigError, IntegrityError, NotFound, Unavailable
 from assetd.grader import (
     AssetdBytesProvider,
     AssetSourceResolver,
@@ -38,6 +41,7 @@ from assetd.grader import (
     PreflightFailure,
     ResolvedAsset,
     bwrap_args,
+    check_assets,
     docker_mounts,
     parse_assets,
     place_copies,
@@ -714,6 +718,222 @@ def test_bytes_provider_daemon_down_is_unavailable(tmp_path: Path) -> None:
         assert provider.get_asset(SRC, "/tmp/R.CSV") is None
     assert provider.last_error is not None
     assert ("unavailable", True) == (provider.last_error.code, provider.last_error.retryable)
+
+
+def test_bytes_provider_raise_errors_raises_the_coded_runtime_error(daemon: Daemon) -> None:
+    """raise_errors=True raises the daemon's error class, a RuntimeError naming target and code."""
+    daemon.fail(MISSING, "not_found", f"object {MISSING} does not exist")
+    provider = AssetdBytesProvider(daemon.client, raise_errors=True)
+    with pytest.raises(RuntimeError) as info:
+        provider.get_asset(MISSING, "/tmp/M.CSV")
+    exc = info.value
+    assert isinstance(exc, NotFound)
+    assert ("not_found", False) == (exc.code, exc.retryable)
+    assert f"/tmp/M.CSV: not_found: object {MISSING} does not exist" == str(exc)
+    assert f"object {MISSING} does not exist" == exc.message
+
+
+def test_bytes_provider_raise_errors_daemon_down_is_retryable(tmp_path: Path) -> None:
+    """With no daemon, raise_errors gives unavailable, retryable, not a bare RuntimeError."""
+    sock = str(tmp_path / "nobody.sock")
+    with (
+        AssetdBytesProvider(socket_path=sock, raise_errors=True) as p,
+        pytest.raises(Unavailable) as info,
+    ):
+        p.get_asset(SRC, "/tmp/R.CSV")
+    assert ("unavailable", True) == (info.value.code, info.value.retryable)
+
+
+@pytest.mark.parametrize("raise_errors", [False, True])
+def test_bytes_provider_zero_byte_asset_is_empty_bytes(daemon: Daemon, raise_errors: bool) -> None:
+    """A zero-byte asset comes back as b"" (not None), in both modes."""
+    daemon.put(SRC, b"")
+    provider = AssetdBytesProvider(daemon.client, raise_errors=raise_errors)
+    assert (b"", None) == (provider.get_asset(SRC, "/tmp/empty.csv"), provider.last_error)
+
+
+def test_bytes_provider_sends_version_id_and_job(daemon: Daemon) -> None:
+    """version_id= and job= travel with the resolve request."""
+    daemon.put(SRC, b"v")
+    provider = AssetdBytesProvider(daemon.client)
+    assert b"v" == provider.get_asset(SRC, "/tmp/x", True, version_id="3HL4kqtJ", job="tp2:41")
+    assert [("3HL4kqtJ", "tp2:41")] == [(r["version_id"], r["job"]) for r in daemon.resolves]
+
+
+def test_bytes_provider_version_id_and_job_are_keyword_only(daemon: Daemon) -> None:
+    """A fourth positional argument is refused, so old call sites cannot shift meaning."""
+    provider = AssetdBytesProvider(daemon.client)
+    with pytest.raises(TypeError):
+        provider.get_asset(SRC, "/tmp/x", True, "3HL4kqtJ")  # type: ignore[misc]
+
+
+def test_bytes_provider_last_error_belongs_to_the_calling_thread(daemon: Daemon) -> None:
+    """A failure in one thread never shows up as another thread's last_error."""
+    daemon.put(SRC, b"ok")
+    provider = AssetdBytesProvider(daemon.client)
+    failed = threading.Event()
+    seen: dict[str, Any] = {}
+
+    def failing() -> None:
+        seen["fail"] = provider.get_asset(MISSING, "/tmp/M.CSV")
+        seen["fail_error"] = provider.last_error
+        failed.set()
+
+    def succeeding() -> None:
+        seen["ok"] = provider.get_asset(SRC, "/tmp/R.CSV")
+        assert failed.wait(5)  # the other thread has failed in between
+        seen["ok_error"] = provider.last_error
+
+    threads = [threading.Thread(target=succeeding), threading.Thread(target=failing)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert (b"ok", None, None) == (seen["ok"], seen["ok_error"], seen["fail"])
+    assert "not_found" == seen["fail_error"].code
+    assert provider.last_error is None  # this thread never called
+
+
+def test_bytes_provider_shared_between_threads(daemon: Daemon) -> None:
+    """One provider, its own connections, 8 threads x 25 calls: every thread gets its own bytes."""
+    sources = {f"s3://{BUCKET}/t/{n}": os.urandom(1000 + n) for n in range(8)}
+    for source, data in sources.items():
+        daemon.put(source, data)
+    socket_path = daemon.fake.path
+    wrong: list[str] = []
+    with AssetdBytesProvider(socket_path=socket_path) as provider:
+        start = threading.Barrier(8)
+
+        def work(source: str) -> None:
+            start.wait(5)
+            for _ in range(25):
+                if provider.get_asset(source, "/tmp/t") != sources[source]:
+                    wrong.append(source)
+
+        threads = [threading.Thread(target=work, args=(s,)) for s in sources]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+    assert ([], 200) == (wrong, len(daemon.resolves))
+    assert 1 <= daemon.fake.connections <= 8
+
+
+def _socket_fds() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+    return count
+
+
+def test_bytes_provider_close_releases_its_sockets(daemon: Daemon) -> None:
+    """50 providers used then closed leave no socket open behind them."""
+    daemon.put(SRC, b"x")
+    baseline = _socket_fds()
+    for _ in range(50):
+        with AssetdBytesProvider(socket_path=daemon.fake.path) as provider:
+            assert b"x" == provider.get_asset(SRC, "/tmp/x")
+    deadline = time.monotonic() + 5  # the fake daemon's side closes once it reads EOF
+    while _socket_fds() > baseline and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert baseline == _socket_fds()
+
+
+def test_bytes_provider_does_not_close_a_client_it_was_given(daemon: Daemon) -> None:
+    """close() leaves a caller's client alone: it is the caller's to close."""
+    daemon.put(SRC, b"x")
+    AssetdBytesProvider(daemon.client).close()
+    assert b"x" == AssetdBytesProvider(daemon.client).get_asset(SRC, "/tmp/x")
+    assert 1 == daemon.fake.connections
+
+
+def test_bytes_provider_legacy_bucket_maps_bare_keys(daemon: Daemon) -> None:
+    """With legacy_bucket, a bare key is asked for as s3://<bucket>/<key>."""
+    daemon.put(SRC, b"legacy")
+    provider = AssetdBytesProvider(daemon.client, legacy_bucket=BUCKET)
+    assert b"legacy" == provider.get_asset("datasets/tp2/RESTAURANTES.CSV", "/tmp/R.CSV")
+    assert [SRC] == [r["source"] for r in daemon.resolves]
+
+
+def test_bare_key_without_legacy_bucket_names_the_fix(daemon: Daemon) -> None:
+    """Without legacy_bucket or local_root, a bare key fails with a message naming the fix."""
+    provider = AssetdBytesProvider(daemon.client)
+    assert provider.get_asset("datasets/x.csv", "/tmp/x.csv") is None
+    err = provider.last_error
+    assert err is not None
+    assert "not_allowed" == err.code
+    assert "s3://<bucket>/datasets/x.csv" in err.message
+    assert "legacy_bucket" in err.message
+    assert [] == daemon.resolves
+
+
+def test_resolver_legacy_bucket_keeps_the_spec_as_written(daemon: Daemon) -> None:
+    """resolve_assets with legacy_bucket returns the spec as the setup config wrote it."""
+    daemon.put(SRC, b"legacy")
+    resolver = AssetSourceResolver(client=daemon.client, legacy_bucket=BUCKET)
+    spec = AssetSpec("datasets/tp2/RESTAURANTES.CSV", "/tmp/R.CSV")
+    [asset] = resolver.resolve_assets([spec])
+    assert (spec, b"legacy") == (asset.spec, asset.path.read_bytes())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        pytest.param({"legacy_bucket": BUCKET, "local_root": "/srv"}, id="both"),
+        pytest.param({"legacy_bucket": "Bad_Bucket"}, id="bad-bucket"),
+    ],
+)
+def test_legacy_bucket_misconfigured_is_a_config_error(kwargs: dict[str, Any]) -> None:
+    """legacy_bucket with local_root, or an invalid bucket name, fails at construction."""
+    with pytest.raises(ConfigError):
+        AssetSourceResolver(**kwargs)
+
+
+def test_bytes_provider_blob_gone_is_retryable_unavailable(daemon: Daemon) -> None:
+    """A blob removed between resolve and read is unavailable (retryable), no host path."""
+    blob = daemon.put(SRC, b"soon gone")
+    blob.unlink()
+    provider = AssetdBytesProvider(daemon.client)
+    assert provider.get_asset(SRC, "/tmp/R.CSV") is None
+    err = provider.last_error
+    assert err is not None
+    assert ("unavailable", True) == (err.code, err.retryable)
+    assert str(blob) not in err.message
+
+
+def test_bytes_provider_blob_changed_is_retryable_integrity(daemon: Daemon) -> None:
+    """A blob whose bytes differ from the resolved sha256 is integrity (retryable)."""
+    blob = daemon.put(SRC, b"original")
+    blob.chmod(0o644)
+    blob.write_bytes(b"tampered")  # same size, other content
+    provider = AssetdBytesProvider(daemon.client)
+    assert provider.get_asset(SRC, "/tmp/R.CSV") is None
+    err = provider.last_error
+    assert ("integrity", True) == ((err.code, err.retryable) if err else None)
+
+
+def test_check_assets_missing_changed_and_fine(tmp_path: Path) -> None:
+    """check_assets: gone is unavailable, other size or content is integrity, intact is fine."""
+    blob = tmp_path / "blob"
+    blob.write_bytes(b"12345")
+    spec = AssetSpec(SRC, "/tmp/R.CSV")
+    check_assets([ResolvedAsset(spec, blob, 5, sha256(b"12345"))], verify_sha256=True)
+    with pytest.raises(IntegrityError):
+        check_assets([ResolvedAsset(spec, blob, 6)])
+    with pytest.raises(IntegrityError):
+        check_assets([ResolvedAsset(spec, blob, 5, sha256(b"54321"))], verify_sha256=True)
+    blob.unlink()
+    with pytest.raises(Unavailable) as info:
+        check_assets([ResolvedAsset(spec, blob, 5)])
+    assert (True, False) == (info.value.retryable, str(blob) in info.value.message)
+
+
+def test_place_copies_of_a_vanished_blob_is_retryable(tmp_path: Path) -> None:
+    """A writable asset whose blob vanished before the copy raises unavailable."""
+    spec = AssetSpec(SRC, "/tmp/w.csv", read_only=False)
+    with pytest.raises(Unavailable):
+        place_copies([ResolvedAsset(spec, tmp_path / "gone", 3)], tmp_path)
 
 
 # --- examples/tp2/grade.py in bubblewrap, against the fake daemon ---------------------------
