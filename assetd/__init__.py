@@ -6,9 +6,14 @@ The public surface is small: :class:`AssetdClient` to talk to the daemon,
 neither boto3 nor the cache.
 """
 
+import logging
+
 from assetd.client import AssetdClient
 from assetd.errors import AssetError
 from assetd.protocol import Resolved
 
 __all__ = ["AssetError", "AssetdClient", "Resolved", "__version__"]
 __version__ = "0.1.0"
+
+# A library: silent unless the host application configures logging.
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -3,6 +3,17 @@
 Events carry fields, never secrets: nothing here or upstream logs a
 credential, a presigned URL or a request signature.
 
+Two worlds:
+
+- the daemon and the CLI call :func:`configure`: structlog renders every
+  event to stderr (stdout is a command's answer);
+- the grader library (:mod:`assetd.grader`, :mod:`assetd.client`) runs in
+  someone else's process and logs through the stdlib logger ``assetd`` and
+  its children. ``assetd`` carries a ``NullHandler``, so nothing is printed
+  unless the host application configures logging; records propagate to its
+  handlers like any library's. Once :func:`configure` has run, those
+  records go to the structlog sink instead (with their ``fields`` extra).
+
 Info and debug lines are buffered and flushed every ``FLUSH_EVERY_S`` (and
 at exit): one ``write`` per resolve would cost the hit path more than the
 resolve itself. Warnings and errors are written through at once.
@@ -18,7 +29,9 @@ from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["configure", "flush", "get_logger"]
+__all__ = ["LIBRARY_LOGGER", "configure", "flush", "get_logger"]
+
+LIBRARY_LOGGER = "assetd"
 
 FLUSH_EVERY_S = 0.2
 _LEVELS = {
@@ -83,6 +96,31 @@ class _Logger:
 _sinks: list[_Sink] = []  # the current sink, if configured
 
 
+class _ToStructlog(logging.Handler):
+    """Sends the library's stdlib records to structlog once the process is ours (CLI, daemon)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields = getattr(record, "fields", None)
+            kw: dict[str, Any] = dict(fields) if isinstance(fields, dict) else {}
+            kw.setdefault("logger", record.name)
+            if record.exc_info:
+                kw["exc_info"] = record.exc_info
+            method = record.levelname.lower() if record.levelno < logging.CRITICAL else "critical"
+            getattr(structlog.get_logger(record.name), method)(record.getMessage(), **kw)
+        except Exception:  # logging must never raise into the caller
+            self.handleError(record)
+
+
+def _route_library_logs(level: int) -> None:
+    lib = logging.getLogger(LIBRARY_LOGGER)
+    for handler in [h for h in lib.handlers if isinstance(h, _ToStructlog)]:
+        lib.removeHandler(handler)
+    lib.addHandler(_ToStructlog())
+    lib.setLevel(level)
+    lib.propagate = False  # this process has no other handlers to feed
+
+
 def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> None:
     """Set up structlog once for the process; ``fmt`` is auto, json or console."""
     stream = sys.stderr if stream is None else stream
@@ -107,6 +145,7 @@ def configure(fmt: str = "auto", level: str = "info", stream: Any = None) -> Non
         logger_factory=lambda *args: _Logger(),
         cache_logger_on_first_use=True,
     )
+    _route_library_logs(_LEVELS[level])
 
 
 def flush() -> None:

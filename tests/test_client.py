@@ -452,3 +452,43 @@ def test_pool_close_during_a_call_closes_that_connection_after(
     go.set()
     call.join(10)
     assert 0 == pool.open_connections
+
+
+def test_connect_waits_out_a_full_listen_backlog(sock_path: str) -> None:
+    """A daemon whose backlog is full is busy, not down: connect waits for room."""
+    import json
+    import socket
+
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(sock_path)
+    server.listen(0)
+    server.settimeout(10)  # a client that gave up must not hang the test
+    fillers = []
+    for _ in range(64):  # fill the backlog until the kernel refuses more
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.setblocking(False)
+        try:
+            s.connect(sock_path)
+        except BlockingIOError:
+            s.close()
+            break
+        fillers.append(s)
+    result: dict[str, Any] = {}
+
+    def ping() -> None:
+        try:
+            result["version"] = AssetdClient(sock_path, timeout=10).ping()
+        except errors.AssetError as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=ping)
+    thread.start()
+    time.sleep(0.2)  # the client meets the full backlog first
+    accepted = [server.accept()[0] for _ in fillers]  # room again
+    conn, _ = server.accept()
+    request = json.loads(conn.makefile("rb").readline())
+    conn.sendall(json.dumps({"id": request["id"], "ok": True, "version": "9"}).encode() + b"\n")
+    thread.join(10)
+    for s in [*fillers, *accepted, conn, server]:
+        s.close()
+    assert {"version": "9"} == result

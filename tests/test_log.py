@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -258,3 +261,95 @@ def test_logger_used_before_reconfigure_follows_it(slow_timer: None) -> None:
     logger.info("two")
     log.flush()
     assert ["two"] == [json.loads(line)["event"] for line in _lines(second)]
+
+
+# --- the grader library inside someone else's program --------------------------------------
+
+LIBRARY_SCRIPT = """
+import logging, sys
+if sys.argv[1] == "app-configures":
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
+from assetd.grader import AssetdBytesProvider, AssetSourceResolver, AssetSpec, PreflightError
+provider = AssetdBytesProvider(socket_path="/nonexistent/assetd.sock")
+assert provider.get_asset("s3://autograder-assets/k.csv", "/tmp/k.csv") is None
+try:
+    AssetSourceResolver().resolve_assets([AssetSpec("s3://autograder-assets/k.csv", "/tmp/k")])
+except PreflightError:
+    pass
+"""
+
+
+def _run_library(mode: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", LIBRARY_SCRIPT, mode],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+
+
+def test_library_prints_nothing_unless_the_app_configures_logging() -> None:
+    """Failing get_asset and pre-flight in a plain program print nothing, stdout or stderr."""
+    proc = _run_library("silent")
+    assert ("", "") == (proc.stdout, proc.stderr)
+
+
+def test_library_warnings_reach_the_apps_own_handlers() -> None:
+    """With logging configured by the app, the warnings arrive there, under assetd.*, not stdout."""
+    proc = _run_library("app-configures")
+    lines = proc.stderr.splitlines()
+    assert "" == proc.stdout
+    assert [
+        "WARNING assetd.grader: get_asset /tmp/k.csv <- s3://autograder-assets/k.csv failed:",
+        "WARNING assetd.grader: pre-flight failed (job None): /tmp/k: not_allowed",
+    ] == [line.split(" unavailable")[0] for line in lines]
+
+
+@pytest.fixture
+def library_mode() -> Iterator[None]:
+    """The assetd stdlib logger as in a process that never called configure()."""
+    lib = logging.getLogger(log.LIBRARY_LOGGER)
+    saved = (lib.handlers[:], lib.propagate, lib.level)
+    lib.handlers = [h for h in lib.handlers if isinstance(h, logging.NullHandler)]
+    lib.propagate, lib.level = True, logging.NOTSET
+    yield
+    lib.handlers, lib.propagate, lib.level = saved
+
+
+def test_library_records_carry_code_and_fields(
+    library_mode: None, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A failed get_asset is one WARNING record on assetd.grader with its fields; stdout empty."""
+    from assetd.grader import AssetdBytesProvider
+
+    with caplog.at_level(logging.WARNING, logger="assetd"):
+        provider = AssetdBytesProvider(socket_path="/nonexistent/assetd.sock")
+        assert provider.get_asset("s3://autograder-assets/k.csv", "/tmp/k.csv") is None
+    [record] = caplog.records
+    assert ("assetd.grader", logging.WARNING) == (record.name, record.levelno)
+    assert {
+        "source": "s3://autograder-assets/k.csv",
+        "target": "/tmp/k.csv",
+        "code": "unavailable",
+    } == record.fields  # type: ignore[attr-defined]
+    assert ("", "") == capsys.readouterr()
+
+
+def test_configured_process_renders_library_records_as_json() -> None:
+    """After configure() (CLI, daemon), library records become JSON lines in the log stream."""
+    stream = io.StringIO()
+    log.configure("json", "info", stream=stream)
+    logging.getLogger("assetd.grader").warning(
+        "pre-flight failed (job %s): %s", "j1", "/tmp/k: not_found", extra={"fields": {"job": "j1"}}
+    )
+    logging.getLogger("assetd.client").debug("filtered at info")
+    log.flush()
+    [line] = _lines(stream)
+    event = json.loads(line)
+    assert {
+        "event": "pre-flight failed (job j1): /tmp/k: not_found",
+        "job": "j1",
+        "logger": "assetd.grader",
+        "level": "warning",
+    } == {k: event[k] for k in ("event", "job", "logger", "level")}
