@@ -28,6 +28,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from assetd.client import AssetdClient
 from assetd.errors import AssetError, ConfigError, IntegrityError, NotFound, Unavailable
@@ -333,6 +335,40 @@ def test_local_source_refused(local_root: Path, source: str, code: str) -> None:
         LocalProvider(local_root).resolve(local_spec(source))
     assert code == info.value.code
     assert str(local_root) not in info.value.message  # no host paths in a student-facing text
+
+
+SURROGATES = st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF)
+SEGMENT = st.text(st.characters(codec="utf-8", exclude_characters="/"), min_size=1, max_size=8)
+
+
+@given(prefix=SEGMENT, surrogate=SURROGATES, suffix=st.text(max_size=5))
+def test_target_with_a_lone_surrogate_is_refused(prefix: str, surrogate: str, suffix: str) -> None:
+    """Any target holding a lone surrogate is bad_request at validation, before argv or tar."""
+    target = f"/tmp/{prefix}{surrogate}{suffix}"
+    with pytest.raises(AssetError) as info:
+        AssetSpec.from_dict(entry(target=target))
+    assert "bad_request" == info.value.code
+
+
+@given(version=st.text(min_size=1, max_size=5), surrogate=SURROGATES)
+def test_version_id_with_a_lone_surrogate_is_refused(version: str, surrogate: str) -> None:
+    """A version_id holding a lone surrogate is bad_request: it could not be sent."""
+    with pytest.raises(AssetError) as info:
+        AssetSpec.from_dict(entry(version_id=version + surrogate))
+    assert "bad_request" == info.value.code
+
+
+@given(target=st.text(st.characters(codec=None), max_size=24).map(lambda t: "/" + t))
+def test_any_accepted_target_fits_argv_and_a_tar_header(target: str) -> None:
+    """Whatever text a target holds, it is refused, or it encodes for argv and a PAX header."""
+    try:
+        spec = AssetSpec.from_dict(entry(target=target))
+    except AssetError as exc:
+        assert "bad_request" == exc.code
+        return
+    assert target.encode("utf-8") == os.fsencode(spec.target)
+    info = tarfile.TarInfo(spec.target.lstrip("/"))
+    assert info.tobuf(format=tarfile.PAX_FORMAT, encoding="utf-8")
 
 
 # --- AssetSourceResolver.resolve_assets ----------------------------------------------------
