@@ -358,10 +358,11 @@ def test_version_id_with_a_lone_surrogate_is_refused(version: str, surrogate: st
     assert "bad_request" == info.value.code
 
 
+# st.text() drops surrogates from any alphabet: build the strings from lists instead
 ANY_CHAR = st.one_of(st.characters(), SURROGATES, st.sampled_from("/.\n\x7f"))
 
 
-@given(target=st.text(ANY_CHAR, max_size=24).map(lambda t: "/" + t))
+@given(target=st.lists(ANY_CHAR, max_size=24).map(lambda cs: "/" + "".join(cs)))
 def test_any_accepted_target_fits_argv_and_a_tar_header(target: str) -> None:
     """Whatever text a target holds, it is refused, or it encodes for argv and a PAX header."""
     try:
