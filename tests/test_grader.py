@@ -1075,3 +1075,83 @@ def test_tp2_invalid_setup_config_is_an_error_verdict(
     setup = {"assets": [{"source": SRC, "target": "/proc/x"}]}
     verdict = grade_one(tp2, tp2_daemon[0], TP2 / "solutions" / "reference.py", setup)
     assert ("error", True) == (verdict.status, verdict.detail.startswith("invalid setup config"))
+
+
+@needs_bwrap
+def test_tp2_blob_gone_before_the_sandbox_is_an_infra_verdict(
+    tp2: tuple[ModuleType, ModuleType],
+    tp2_daemon: tuple[Daemon, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blob deleted between resolve and the bwrap run is an infra verdict, with no host path."""
+    daemon, blob = tp2_daemon
+    build = tp2[0].sandbox_argv
+
+    def build_then_delete(*args: Any, **kwargs: Any) -> list[str]:
+        argv: list[str] = build(*args, **kwargs)
+        blob.unlink()  # gc, eviction or an operator, after every check and before bwrap
+        return argv
+
+    monkeypatch.setattr(tp2[0], "sandbox_argv", build_then_delete)
+    verdict = grade_one(tp2, daemon, TP2 / "solutions" / "reference.py")
+    printed = verdict.line() + json.dumps(verdict.__dict__)
+    assert ("infra", "INFRA") == (verdict.status, verdict.line()[:5])
+    assert "unavailable" in verdict.detail and "/tmp/RESTAURANTES.CSV" in verdict.detail
+    assert (False, False) == (str(blob) in printed, str(blob.parents[3]) in printed)
+
+
+def test_tp2_blob_changed_before_placement_is_an_infra_verdict(
+    tp2: tuple[ModuleType, ModuleType],
+    tp2_daemon: tuple[Daemon, Path],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A blob of another size after resolve is integrity, an infra verdict; nothing runs."""
+    daemon, blob = tp2_daemon
+    resolve = tp2[0].preflight
+    ran: list[object] = []
+
+    def resolve_then_truncate(*args: Any, **kwargs: Any) -> Any:
+        assets = resolve(*args, **kwargs)
+        blob.chmod(0o644)
+        with blob.open("r+b") as f:
+            f.truncate(10)
+        return assets
+
+    monkeypatch.setattr(tp2[0], "preflight", resolve_then_truncate)
+    monkeypatch.setattr(tp2[0], "run_student", lambda *a, **k: ran.append(a))
+    verdict = grade_one(tp2, daemon, TP2 / "solutions" / "reference.py")
+    assert ("infra", [], True) == (verdict.status, ran, "integrity" in verdict.detail)
+    assert str(blob) not in verdict.line() + json.dumps(verdict.__dict__)
+
+
+def test_tp2_daemon_down_is_an_infra_verdict_without_the_socket_path(
+    tp2: tuple[ModuleType, ModuleType], tmp_path: Path
+) -> None:
+    """No daemon: pre-flight fails with unavailable, printed as infra without the socket path."""
+    sock = str(tmp_path / "nobody.sock")
+    with AssetdClient(sock, timeout=2) as client:
+        verdict = tp2[0].grade(
+            TP2 / "solutions" / "reference.py",
+            json.loads((TP2 / "setup.json").read_text()),
+            AssetSourceResolver(client=client),
+        )
+    assert ("infra", "/tmp/RESTAURANTES.CSV: unavailable") == (
+        verdict.status,
+        verdict.detail.split("retry later: ")[1],
+    )
+    assert sock not in verdict.line()
+
+
+@needs_bwrap
+def test_tp2_student_cannot_fake_an_infra_verdict(
+    tp2: tuple[ModuleType, ModuleType], tp2_daemon: tuple[Daemon, Path], tmp_path: Path
+) -> None:
+    """A student printing bwrap's mount error and exiting 1 is graded fail, not infra."""
+    solution = tmp_path / "fake.py"
+    solution.write_text(
+        "import sys\n"
+        'sys.stderr.write("bwrap: Can\'t find source path /x: No such file or directory\\n")\n'
+        "sys.exit(1)\n"
+    )
+    verdict = grade_one(tp2, tp2_daemon[0], solution)
+    assert ("fail", True) == (verdict.status, verdict.detail.startswith("exit 1: bwrap:"))

@@ -12,6 +12,13 @@ For each solution:
    (``--unshare-net``), an empty environment (``--clearenv``), a tmpfs
    ``/tmp``, and read-only system directories;
 4. compare its output with the teacher's key, computed from the same bytes.
+
+Verdicts: ``pass`` and ``fail`` are the student's; ``error`` is a setup
+config or asset the teacher must fix; ``infra`` is an infrastructure fault
+(daemon down, a cached file gone or changed before placement, a sandbox
+that could not start): retry the job later, the student did nothing wrong.
+Verdicts never carry a host path. Exit status: 0, 1 if any verdict is
+``error``, else 75 (EX_TEMPFAIL) if any is ``infra``.
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import argparse
 import csv
 import io
 import json
+import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -30,13 +39,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from assetd import AssetdClient
-from assetd.errors import AssetError
+from assetd.errors import AssetError, Unavailable, error_class
 from assetd.grader import (
     AssetSourceResolver,
     PlacedAsset,
     PreflightError,
     ResolvedAsset,
     bwrap_args,
+    check_assets,
     parse_assets,
     place_copies,
 )
@@ -44,12 +54,22 @@ from assetd.grader import (
 HERE = Path(__file__).resolve().parent
 DATASET_TARGET = "/tmp/RESTAURANTES.CSV"
 RUN_TIMEOUT_S = 60
+EX_TEMPFAIL = 75
+log = logging.getLogger("tp2")
+
+
+class SandboxDidNotStart(Exception):
+    """bubblewrap exited before running the command: its setup (a mount) failed."""
+
+    def __init__(self, stderr: str) -> None:
+        super().__init__("the sandbox could not be set up")
+        self.stderr = stderr  # bwrap's own words, with host paths: for the log only
 
 
 @dataclass
 class Verdict:
     solution: str
-    status: str  # pass, fail (wrong output, crash, time limit), or error (pre-flight)
+    status: str  # pass, fail (the student's), error (the setup config's), infra (retry later)
     detail: str = ""
     cache: list[str] = field(default_factory=list)
     seconds: float = 0.0
@@ -84,11 +104,15 @@ def expected_output(csv_bytes: bytes) -> str:
     return "\n".join(lines) + "\n"
 
 
-def sandbox_argv(placed: list[PlacedAsset], solution: Path, command: list[str]) -> list[str]:
+def sandbox_argv(
+    placed: list[PlacedAsset], solution: Path, command: list[str], *, status_fd: int | None = None
+) -> list[str]:
     """bubblewrap: no network, no environment, read-only system, assets at their targets."""
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         raise RuntimeError("bubblewrap (bwrap) is not installed")
+    # bwrap reports {"exit-code": N} there only once its setup (every mount) succeeded
+    status = [] if status_fd is None else ["--json-status-fd", str(status_fd)]
     return [
         bwrap,
         "--unshare-net",
@@ -113,6 +137,7 @@ def sandbox_argv(placed: list[PlacedAsset], solution: Path, command: list[str]) 
         *bwrap_args(placed),  # after --tmpfs /tmp, or the tmpfs would hide them
         "--ro-bind", str(solution), "/work/solution.py",
         "--chdir", "/tmp",
+        *status,
         *command,
     ]  # fmt: skip
 
@@ -120,10 +145,38 @@ def sandbox_argv(placed: list[PlacedAsset], solution: Path, command: list[str]) 
 def run_student(
     placed: list[PlacedAsset], solution: Path, command: list[str] | None = None
 ) -> subprocess.CompletedProcess[str]:
-    argv = sandbox_argv(placed, solution, command or ["python3", "/work/solution.py"])
-    return subprocess.run(
-        argv, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False, env={}
-    )
+    """Run the command in the sandbox; SandboxDidNotStart if bwrap failed before it ran.
+
+    Whether the command started is read from bwrap's status fd, which the
+    sandboxed program cannot reach: a student printing bwrap's error text
+    still gets graded.
+    """
+    read_end, write_end = os.pipe()
+    try:
+        argv = sandbox_argv(
+            placed, solution, command or ["python3", "/work/solution.py"], status_fd=write_end
+        )
+        proc = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=RUN_TIMEOUT_S,
+            check=False,
+            env={},
+            pass_fds=(write_end,),
+        )
+        os.close(write_end)
+        write_end = -1
+        with os.fdopen(read_end, "rb") as status:
+            read_end = -1
+            started = any(b'"exit-code"' in line for line in status)
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+    if not started:
+        raise SandboxDidNotStart(proc.stderr)
+    return proc
 
 
 def preflight(
@@ -133,35 +186,70 @@ def preflight(
     return resolver.resolve_assets(parse_assets(setup), job=job)
 
 
+def _retryable(code: str) -> bool:
+    try:
+        return error_class(code).retryable
+    except KeyError:  # a code from a newer daemon
+        return False
+
+
+def _infra(verdict: Verdict, what: str) -> Verdict:
+    verdict.status = "infra"
+    verdict.detail = f"infrastructure fault, retry later: {what}"
+    return verdict
+
+
 def grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolver) -> Verdict:
     started = time.monotonic()
+    verdict = _grade(solution, setup, resolver)
+    verdict.seconds = time.monotonic() - started
+    return verdict
+
+
+def _grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolver) -> Verdict:
     verdict = Verdict(solution.name, "error")
     try:
         assets = preflight(resolver, setup, job=f"tp2:{solution.name}")
     except AssetError as exc:  # the setup config itself is invalid
         verdict.detail = f"invalid setup config: {exc.code}: {exc.message}"
-        verdict.seconds = time.monotonic() - started
         return verdict
     except PreflightError as exc:
+        verdict.preflight = [f.to_dict() for f in exc.failures]
+        if all(_retryable(f.code) for f in exc.failures):
+            # codes only: a client-side message may name the host's socket path
+            return _infra(verdict, "; ".join(f"{f.target}: {f.code}" for f in exc.failures))
         verdict.detail = "pre-flight failed: " + "; ".join(
             f"{f.target}: {f.code}: {f.message}" for f in exc.failures
         )
-        verdict.preflight = [f.to_dict() for f in exc.failures]
-        verdict.seconds = time.monotonic() - started
         return verdict
     verdict.cache = [a.cache or "local" for a in assets]
+    try:
+        return _place_and_run(verdict, assets, solution)
+    except AssetError as exc:  # placement found a cached file gone or changed: never a FAIL
+        return _infra(verdict, f"{exc.code}: {exc.message}")
+
+
+def _place_and_run(verdict: Verdict, assets: list[ResolvedAsset], solution: Path) -> Verdict:
+    check_assets(assets)
     # the key comes from the bytes as resolved, before any student code runs
     dataset = next(a for a in assets if a.spec.target == DATASET_TARGET)
-    expected = expected_output(dataset.path.read_bytes())
+    try:
+        data = dataset.path.read_bytes()
+    except OSError:
+        check_assets([dataset])
+        raise Unavailable("the cached dataset cannot be read; retry the job") from None
+    expected = expected_output(data)
     with tempfile.TemporaryDirectory(prefix="tp2-") as work:
         placed = place_copies(assets, work)
         try:
             proc = run_student(placed, solution)
         except subprocess.TimeoutExpired:
             verdict.status, verdict.detail = "fail", f"time limit of {RUN_TIMEOUT_S}s exceeded"
-            verdict.seconds = time.monotonic() - started
             return verdict
-    verdict.seconds = time.monotonic() - started
+        except SandboxDidNotStart as exc:
+            log.info("sandbox did not start: %s", exc.stderr.strip())
+            check_assets(assets)  # an asset gone or changed says so, with its target
+            raise Unavailable("the sandbox could not be set up; retry the job") from None
     if proc.returncode != 0:
         verdict.status = "fail"
         last = proc.stderr.strip().splitlines()[-1:] or [""]
@@ -186,13 +274,17 @@ def main() -> int:
     parser.add_argument("--setup", type=Path, default=HERE / "setup.json")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    # the grader is the application: it sends assetd's library warnings to stderr
+    logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
     setup = json.loads(args.setup.read_text())
     with AssetdClient(args.socket) as client:
         resolver = AssetSourceResolver(client=client, local_root=args.setup.parent)
         verdicts = [grade(s.resolve(), setup, resolver) for s in args.solutions]
     for v in verdicts:
         print(json.dumps(v.__dict__) if args.json else v.line())
-    return 0 if all(v.status != "error" for v in verdicts) else 1
+    if any(v.status == "error" for v in verdicts):
+        return 1
+    return EX_TEMPFAIL if any(v.status == "infra" for v in verdicts) else 0
 
 
 if __name__ == "__main__":
