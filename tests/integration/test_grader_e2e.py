@@ -38,7 +38,7 @@ KEY = "datasets/tp2/RESTAURANTES.CSV"
 SETUP = json.loads((TP2 / "setup.json").read_text())
 BIG = os.urandom(20 * 1000 * 1000)
 PROBE = """
-import hashlib, json, os, socket, sys
+import hashlib, json, os, socket, stat, sys
 out = {"env": sorted(os.environ), "ifaces": [n for _, n in socket.if_nameindex()]}
 for target in sys.argv[1:]:
     data = open(target, "rb").read()
@@ -48,9 +48,25 @@ for target in sys.argv[1:]:
         write = "ok"
     except OSError as exc:
         write = exc.errno
-    out[target] = {"sha256": hashlib.sha256(data).hexdigest(), "write": write}
+    # chmod asks the mount before the file's owner or mode: EROFS on a read-only mount,
+    # whatever the mode; the same mode again leaves the file as it was if it succeeds
+    try:
+        os.chmod(target, stat.S_IMODE(os.stat(target).st_mode))
+        chmod = "ok"
+    except OSError as exc:
+        chmod = exc.errno
+    read_only_mount = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+    out[target] = {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "write": write,
+        "chmod": chmod,
+        "read_only_mount": read_only_mount,
+    }
 print(json.dumps(out))
 """
+
+
+WRITABLE = ("write", "chmod", "read_only_mount")
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +138,15 @@ def test_sandbox_reads_asset_cannot_write_has_no_credentials_or_network(
     assert hashlib.sha256(dataset.generate()).hexdigest() == asset["sha256"]
     # EACCES: the blob is 0444 and the sandbox has no capabilities; EROFS behind that
     assert asset["write"] in (errno.EACCES, errno.EROFS)
+
+
+def test_the_mount_itself_is_read_only_whatever_the_file_mode(
+    resolver: AssetSourceResolver, tmp_path: Path
+) -> None:
+    """The mount is read-only: chmod gets EROFS and statvfs says ST_RDONLY, whatever the mode."""
+    out = _probe(resolver, SETUP, tmp_path)
+    asset = out["/tmp/RESTAURANTES.CSV"]
+    assert (errno.EROFS, True) == (asset["chmod"], asset["read_only_mount"])
     assert [] == [name for name in out["env"] if name.startswith("AWS_")]
     assert ["lo"] == out["ifaces"]
 
@@ -144,7 +169,7 @@ def test_writable_asset_is_a_private_copy(
     }
     out = _probe(resolver, setup, tmp_path)
     blob = tp2_daemon.request({"op": "resolve", "source": f"s3://{BUCKET}/{KEY}"})
-    assert "ok" == out["/tmp/R.CSV"]["write"]
+    assert ("ok", "ok", False) == tuple(out["/tmp/R.CSV"][k] for k in WRITABLE)
     assert hashlib.sha256(dataset.generate()).hexdigest() == blob["sha256"]
     assert dataset.generate() == Path(blob["path"]).read_bytes()
 
@@ -183,3 +208,42 @@ def test_bytes_provider_returns_exact_bytes(tp2_daemon: DaemonProcess) -> None:
         code = provider.last_error.code if provider.last_error else None
     assert dataset.generate() == data
     assert (None, "not_found") == (missing, code)
+
+
+def test_bytes_provider_raising_mode_and_legacy_bucket(tp2_daemon: DaemonProcess) -> None:
+    """As the autograder would wire it: bare keys from legacy_bucket, coded errors raised."""
+    with AssetdBytesProvider(
+        socket_path=tp2_daemon.socket_path, legacy_bucket=BUCKET, raise_errors=True
+    ) as provider:
+        data = provider.get_asset(KEY, "/tmp/RESTAURANTES.CSV", True, job="e2e")
+        with pytest.raises(RuntimeError) as info:
+            provider.get_asset("datasets/nope.csv", "/tmp/n.csv")
+    assert dataset.generate() == data
+    assert "/tmp/n.csv: not_found: " == str(info.value)[: len("/tmp/n.csv: not_found: ")]
+
+
+def test_blob_removed_before_the_sandbox_is_an_infra_verdict(
+    resolver: AssetSourceResolver, monkeypatch: pytest.MonkeyPatch, tp2_daemon: DaemonProcess
+) -> None:
+    """The daemon's blob removed after resolve (as gc once did): infra verdict, no host path."""
+    build = grade.sandbox_argv
+    removed: list[Path] = []
+
+    def build_then_remove(placed: list[Any], *args: Any, **kwargs: Any) -> list[str]:
+        argv: list[str] = build(placed, *args, **kwargs)
+        for p in placed:
+            if not p.writable:
+                p.host_path.unlink()
+                removed.append(p.host_path)
+        return argv
+
+    monkeypatch.setattr(grade, "sandbox_argv", build_then_remove)
+    verdict = grade.grade(TP2 / "solutions" / "reference.py", SETUP, resolver)
+    printed = verdict.line() + json.dumps(verdict.__dict__)
+    assert ("infra", 1) == (verdict.status, len(removed))
+    assert "/tmp/RESTAURANTES.CSV" in verdict.detail
+    assert [] == [p for p in (str(removed[0]), str(tp2_daemon.socket_path)) if p in printed]
+    assert "/blobs/" not in printed
+    monkeypatch.undo()
+    again = grade.grade(TP2 / "solutions" / "reference.py", SETUP, resolver)
+    assert ("pass", ["miss"]) == (again.status, again.cache)  # the daemon fetched it again
