@@ -558,7 +558,12 @@ class AssetdBytesProvider:
         """The asset's bytes; on failure None (or the AssetError, with ``raise_errors``)."""
         self._local.last_error = None
         try:
-            return self._fetch(source, target, read_only, version_id, job)
+            try:
+                return self._fetch(source, target, read_only, version_id, job)
+            except OSError as exc:  # e.g. a local file this user may not read: never a traceback
+                raise Unavailable(
+                    f"the file for '{target}' cannot be read on this grader", detail=str(exc)
+                ) from None
         except AssetError as exc:
             self._local.last_error = exc
             log.warning(

@@ -1155,3 +1155,18 @@ def test_tp2_student_cannot_fake_an_infra_verdict(
     )
     verdict = grade_one(tp2, tp2_daemon[0], solution)
     assert ("fail", True) == (verdict.status, verdict.detail.startswith("exit 1: bwrap:"))
+
+
+def test_bytes_provider_os_error_is_none_not_a_traceback(
+    local_root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OSError on the grader's side (a local file it may not read) is None with unavailable."""
+
+    def denied(*args: Any, **kwargs: Any) -> ResolvedAsset:
+        raise PermissionError(13, "Permission denied", str(local_root / "x"))
+
+    monkeypatch.setattr(LocalProvider, "resolve", denied)
+    provider = AssetdBytesProvider(AssetdClient("/nonexistent.sock"), local_root=local_root)
+    assert provider.get_asset("fixtures/tp2/expected.txt", "/g/e.txt") is None
+    err = provider.last_error
+    assert ("unavailable", False) == (err.code if err else None, str(local_root) in str(err))
