@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import Iterator
@@ -245,3 +247,14 @@ def test_engine_refusing_exec_is_unavailable(dockerd: Dockerd, tmp_path: Path) -
         assert info.value.retryable
     finally:
         container.remove(force=True)
+
+
+def test_grader_imports_without_docker_sdk() -> None:
+    """assetd.grader and assetd.grader_docker import where the docker SDK is not installed."""
+    code = (
+        "import sys; sys.modules['docker'] = None\n"
+        "import assetd.grader, assetd.grader_docker\n"
+        "print(sorted(m for m in sys.modules if m.startswith('docker')))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert (0, "['docker']\n") == (proc.returncode, proc.stdout), proc.stderr
