@@ -52,6 +52,7 @@ _EXIT_REASONS = {
     71: "an asset could not be written",
 }
 _MAX_OUTPUT = 64 << 10  # what we keep of the script's output, for the log
+_DEFAULT_TIMEOUT_S = 600.0
 _POLL_S = 0.5  # how long a blocked write waits before asking whether the exec still runs
 
 
@@ -271,6 +272,12 @@ def _run(container: Any, method: str, job: _Job) -> tuple[int, int, bytes]:
             cut = exc  # a blob changed under us: end the stream short, the script cleans up
         with contextlib.suppress(OSError):
             sock.shutdown(socket.SHUT_WR)
+        # the stream ends when the script exits: waiting on it beats polling the engine
+        deadline = time.monotonic() + (timeout_s or _DEFAULT_TIMEOUT_S)
+        while reader.is_alive() and time.monotonic() < deadline:
+            reader.join(_POLL_S)
+            if reader.is_alive() and not api.exec_inspect(exec_id)["Running"]:
+                break
         code = _exit_code(api, exec_id, timeout_s)
     except DockerException as exc:
         raise Unavailable(
@@ -278,7 +285,11 @@ def _run(container: Any, method: str, job: _Job) -> tuple[int, int, bytes]:
             detail=str(exc),
         ) from exc
     finally:
-        reader.join(5.0)  # the engine ends the stream once the exec exited
+        reader.join(1.0)  # normally over already: the engine ends the stream at exit
+        if reader.is_alive():  # a hung exec: unblock the reader rather than wait for it
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            reader.join(1.0)
         _close(sock, raw)
     if cut is not None:
         # waited for the exit above, so the container holds no staging file when we raise
@@ -330,14 +341,14 @@ def _close(sock: socket.socket, raw: Any) -> None:
 
 def _exit_code(api: Any, exec_id: str, timeout_s: float | None) -> int:
     """The exec's exit code; the stream can end a moment before Docker records it."""
-    deadline = time.monotonic() + (timeout_s or 600.0)
+    deadline = time.monotonic() + (timeout_s or _DEFAULT_TIMEOUT_S)
     while True:
         info = api.exec_inspect(exec_id)
         if not info.get("Running") and info.get("ExitCode") is not None:
             return int(info["ExitCode"])
         if time.monotonic() > deadline:
             raise Unavailable("could not place assets in the sandbox: the exec did not finish")
-        time.sleep(0.02)
+        time.sleep(0.005)
 
 
 def _short_id(container: Any) -> str:

@@ -1,7 +1,8 @@
 """A 200 MiB asset into a running container: assetd ``inject`` vs ``docker cp`` vs base64.
 
 On a real dockerd (vfs, as in the tests) with the asset resolved by the real
-daemon from SeaweedFS, after one warm-up, the median of --runs timings of:
+daemon from SeaweedFS, after one warm-up round, the median of --runs rounds
+(each round runs every method once, so load changes hit all alike) of:
 
 - inject: ``assetd.grader_docker.inject`` in a fresh Python process (the
   grader), which resolves the asset through the daemon (a hit) and streams
@@ -10,6 +11,8 @@ daemon from SeaweedFS, after one warm-up, the median of --runs timings of:
   of ``VmHWM`` over its RSS at that point;
 - inject into a tmpfs ``/tmp`` (where ``docker cp`` cannot reach);
 - docker cp: the CLI copying the same blob to the same non-tmpfs path;
+- floor: the same bytes through one exec's stdin into ``cat > /dev/null``
+  (what the exec-stdin path costs with no tar, no file and no check);
 - base64: the autograder's ``echo '<base64>' | base64 -d > target`` through
   ``exec_run``; it cannot carry 200 MiB at all, so the bench searches the
   size where it starts failing (bounded bisection) and reports the error.
@@ -26,6 +29,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -72,14 +76,41 @@ print(json.dumps({"seconds": took, "rss_before": before, "hwm": status("VmHWM"),
 """
 
 
-def _median(fn: Callable[[], float], runs: int, setup: Callable[[], object]) -> float:
-    times = []
-    for i in range(runs + 1):  # the first run is the warm-up
-        setup()
-        took = fn()
-        if i:
-            times.append(took)
-    return statistics.median(times)
+def _interleaved(
+    fns: dict[str, Callable[[], float]], runs: int, setup: Callable[[], object]
+) -> dict[str, float]:
+    """Median per method; each round runs every method once, so load drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for i in range(runs + 1):  # the first round is the warm-up
+        for name, fn in fns.items():
+            setup()
+            took = fn()
+            if i:
+                times[name].append(took)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _stdin_floor(container: Any, path: str, size: int) -> float:
+    """The exec-stdin plumbing alone: the same bytes through one exec into `cat > /dev/null`."""
+    api = container.client.api
+    exec_id = api.exec_create(container.id, ["sh", "-c", "cat > /dev/null"], stdin=True)["Id"]
+    raw = api.exec_start(exec_id, socket=True)
+    sock = raw._sock
+    sock.setblocking(True)
+    started = time.perf_counter()
+    with open(path, "rb") as src:
+        while chunk := src.read(MIB):
+            sock.sendall(chunk)
+    sock.shutdown(socket.SHUT_WR)
+    while sock.recv(65536):
+        pass
+    while api.exec_inspect(exec_id)["Running"]:
+        time.sleep(0.005)
+    took = time.perf_counter() - started
+    sock.close()
+    raw.close()
+    assert size == os.path.getsize(path)
+    return took
 
 
 def _sh(container: Any, script: str) -> str:
@@ -170,17 +201,26 @@ def _measure(
         _sh(container, "rm -f /data/cp.bin /data/inject.bin /tmp/inject.bin")
 
     try:
-        inject_s = _median(run_inject("/data/inject.bin"), args.runs, clean)
-        inject_tmpfs_s = _median(run_inject("/tmp/inject.bin"), args.runs, clean)
-        cp_s = _median(run_cp, args.runs, clean)
+        medians = _interleaved(
+            {
+                "inject": run_inject("/data/inject.bin"),
+                "inject_tmpfs": run_inject("/tmp/inject.bin"),
+                "docker_cp": run_cp,
+                "floor": lambda: _stdin_floor(container, cache_path, args.mib * MIB),
+            },
+            args.runs,
+            clean,
+        )
         b64 = _base64_limit(container)
     finally:
         container.remove(force=True)
     return {
-        "inject_s": round(inject_s, 3),
-        "inject_tmpfs_s": round(inject_tmpfs_s, 3),
-        "docker_cp_s": round(cp_s, 3),
-        "inject_vs_docker_cp": round(inject_s / cp_s, 2),
+        "inject_s": round(medians["inject"], 3),
+        "inject_tmpfs_s": round(medians["inject_tmpfs"], 3),
+        "docker_cp_s": round(medians["docker_cp"], 3),
+        "exec_stdin_floor_s": round(medians["floor"], 3),
+        "inject_vs_docker_cp": round(medians["inject"] / medians["docker_cp"], 2),
+        "inject_vs_exec_stdin_floor": round(medians["inject"] / medians["floor"], 2),
         "grader_peak_rss_growth_mib": round(max(rss) / MIB, 2),
         "base64_exec_run": b64,
     }

@@ -258,3 +258,13 @@ def test_grader_imports_without_docker_sdk() -> None:
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert (0, "['docker']\n") == (proc.returncode, proc.stdout), proc.stderr
+
+
+def test_exec_that_stops_reading_times_out(
+    warm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An exec that neither reads nor exits is given up after timeout_s, as unavailable."""
+    monkeypatch.setattr(grader_docker, "_script", lambda *a: "sleep 20\n")
+    with pytest.raises(Unavailable) as info:
+        inject(warm, [_asset(tmp_path, "/tmp/t.bin", os.urandom(8 << 20))], timeout_s=1.0)
+    assert info.value.retryable
