@@ -22,6 +22,7 @@ The docker SDK (``pip install assetd[docker]``) is imported lazily, so
 from __future__ import annotations
 
 import contextlib
+import logging
 import posixpath
 import secrets
 import select
@@ -35,11 +36,11 @@ from typing import Any
 
 from assetd.errors import AssetError, BadRequest, Unavailable
 from assetd.grader import ResolvedAsset, _check_target, tar_stream
-from assetd.log import get_logger
 
 __all__ = ["InjectResult", "inject"]
 
-log = get_logger("assetd.grader_docker")
+# a library inside the grader's process: stdlib logging, the host app decides where it goes
+log = logging.getLogger("assetd.grader_docker")
 
 # exit codes of the placement script (sh uses 126/127 for "cannot run")
 _NO_TAR = 69  # EX_UNAVAILABLE: the image has no tar; nothing was read or written
@@ -100,36 +101,36 @@ def inject(
     token = secrets.token_hex(6)
     staged = [_staged(a, token, i) for i, a in enumerate(assets)]
     job = _Job(assets, staged, chunk_size, timeout_s, writable_owner)
-    first = "dd" if method == "dd" else "tar"
-    code, sent, output = _run(container, first, job)
+    used = "dd" if method == "dd" else "tar"
+    code, sent, output = _run(container, used, job)
     calls = 1
     if code == _NO_TAR and method == "auto":
-        log.info("no tar in the container: placing with dd", container=_short_id(container))
-        first = "dd"
-        code, sent, output = _run(container, first, job)
+        log.info("no tar in container %s: placing with dd", _short_id(container))
+        used = "dd"
+        code, sent, output = _run(container, used, job)
         calls = 2
     if code != 0:
         reason = _EXIT_REASONS.get(code, f"the placement command exited {code}")
         if code == _NO_TAR:
             reason = "the container has no tar (use method='dd')"
         log.warning(
-            "inject failed",
-            container=_short_id(container),
-            method=first,
-            exit_code=code,
-            output=output.decode("utf-8", "replace")[-2000:],
+            "inject failed: container %s, method %s, exit code %s, output %r",
+            _short_id(container),
+            used,
+            code,
+            output.decode("utf-8", "replace")[-2000:],
         )
         raise Unavailable(f"could not place assets in the sandbox: {reason}")
     seconds = time.monotonic() - started
     log.info(
-        "injected",
-        container=_short_id(container),
-        method=first,
-        assets=len(assets),
-        bytes=sent,
-        seconds=round(seconds, 3),
+        "injected %d assets (%d bytes) into container %s by %s in %.3f s",
+        len(assets),
+        sent,
+        _short_id(container),
+        used,
+        seconds,
     )
-    return InjectResult(first, sent, calls, seconds)
+    return InjectResult(used, sent, calls, seconds)
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,7 +268,7 @@ def _run(container: Any, method: str, job: _Job) -> tuple[int, int, bytes]:
                 sent += len(chunk)
         except (OSError, _Exited) as exc:
             # the script stopped reading (it failed, or there is no tar): its exit code says why
-            log.info("exec stdin closed early", error=repr(exc), bytes_sent=sent)
+            log.info("exec stdin closed early after %d bytes: %r", sent, exc)
         except AssetError as exc:
             cut = exc  # a blob changed under us: end the stream short, the script cleans up
         with contextlib.suppress(OSError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import subprocess
 import sys
@@ -268,3 +269,15 @@ def test_exec_that_stops_reading_times_out(
     with pytest.raises(Unavailable) as info:
         inject(warm, [_asset(tmp_path, "/tmp/t.bin", os.urandom(8 << 20))], timeout_s=1.0)
     assert info.value.retryable
+
+
+def test_failure_logged_through_stdlib_logging(
+    warm: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The exit code and output go to the 'assetd' stdlib logger, nothing to stdout."""
+    _sh(warm, "mkdir -p /tmp/d2")
+    with caplog.at_level(logging.WARNING, logger="assetd"), pytest.raises(Unavailable):
+        inject(warm, [_asset(tmp_path, "/tmp/d2", b"z")])
+    records = [r for r in caplog.records if r.name.startswith("assetd.")]
+    assert [("WARNING", True)] == [(r.levelname, "exit code 68" in r.getMessage()) for r in records]
+    assert "" == capsys.readouterr().out
