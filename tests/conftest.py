@@ -86,9 +86,17 @@ def sock_path(tmp_path: Path) -> str:
 def dockerd() -> Iterator[Dockerd]:
     """One real dockerd per session (vfs, no bridge); skips where Docker cannot run."""
     reason = missing_docker()
+    engine = Dockerd()
+    if reason is None:
+        try:
+            engine.start()
+        except RuntimeError as exc:  # installed but cannot run here (no privileges, no cgroups)
+            reason = f"dockerd did not start: {exc}"
     if reason is not None:
         if os.environ.get("CI"):
             pytest.fail(f"Docker tests cannot run in CI: {reason}")
         pytest.skip(reason)
-    with Dockerd() as engine:
+    try:
         yield engine
+    finally:
+        engine.stop()

@@ -100,26 +100,31 @@ class Dockerd:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
+        try:
+            self._wait_ready(timeout)
+            busybox = Path(os.path.realpath(shutil.which("busybox") or "busybox"))
+            api = self.client().api
+            for image, without in ((IMAGE, frozenset()), (IMAGE_NO_TAR, frozenset({"tar"}))):
+                repo, tag = image.split(":")
+                api.import_image_from_data(_rootfs_tar(busybox, without), repository=repo, tag=tag)
+        except Exception as exc:  # leave nothing running or on disk behind
+            log = self.log()[-2000:]
+            self.stop()
+            raise RuntimeError(f"{exc}; dockerd log: {log}") from exc
+        return self
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
-        client = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"dockerd exited {self.proc.returncode}: {self.log()[-2000:]}")
+                raise RuntimeError(f"dockerd exited {self.proc.returncode}")
             try:
-                client = self.client()
-                client.ping()
-                break
+                self.client().ping()
+                return
             except Exception:  # not up yet: poll again
                 time.sleep(0.2)
-        else:
-            self.stop()
-            raise RuntimeError(f"dockerd not ready after {timeout}s: {self.log()[-2000:]}")
-        busybox = Path(os.path.realpath(shutil.which("busybox") or "busybox"))
-        api = client.api
-        for image, without in ((IMAGE, frozenset()), (IMAGE_NO_TAR, frozenset({"tar"}))):
-            repo, tag = image.split(":")
-            api.import_image_from_data(_rootfs_tar(busybox, without), repository=repo, tag=tag)
-        return self
+        raise RuntimeError(f"dockerd not ready after {timeout}s")
 
     def log(self) -> str:
         if self.root is None or not (self.root / "log").exists():
