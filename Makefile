@@ -46,10 +46,11 @@ integration: $(STAMP)
 demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
 
-bench: $(STAMP)
+bench: $(STAMP) sysdeps
 	$(BIN)/python bench/cold_fetch.py
 	$(BIN)/python bench/hit_latency.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/inject.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
