@@ -281,3 +281,19 @@ def test_failure_logged_through_stdlib_logging(
     records = [r for r in caplog.records if r.name.startswith("assetd.")]
     assert [("WARNING", True)] == [(r.levelname, "exit code 68" in r.getMessage()) for r in records]
     assert "" == capsys.readouterr().out
+
+
+@pytest.mark.parametrize("method", ["tar", "dd"])
+def test_targets_with_quotes_spaces_unicode_and_long_paths(
+    warm: Any, tmp_path: Path, method: str
+) -> None:
+    """Shell-special, non-ASCII and 250-byte targets land exactly where named."""
+    targets = [
+        '/tmp/my data/it\'s "q" $HOME `id`.csv',
+        "/tmp/ação/dados é.csv",
+        "/tmp/" + "/".join(["d" * 60] * 4) + "/file.csv",
+    ]
+    assets = [_asset(tmp_path, t, t.encode()) for t in targets]
+    inject(warm, assets, method=method)
+    got = [warm.exec_run(["cat", t]).output.decode() for t in targets]
+    assert targets == got
