@@ -20,7 +20,7 @@ from assetd import grader_docker
 from assetd.errors import BadRequest, Unavailable
 from assetd.grader import AssetSpec, ResolvedAsset
 from assetd.grader_docker import inject
-from tests.support.docker import IMAGE, IMAGE_NO_TAR, Dockerd
+from tests.support.docker import IMAGE, IMAGE_GNU, IMAGE_NO_TAR, Dockerd
 
 
 def _asset(tmp_path: Path, target: str, data: bytes, read_only: bool = True) -> ResolvedAsset:
@@ -297,3 +297,30 @@ def test_targets_with_quotes_spaces_unicode_and_long_paths(
     inject(warm, assets, method=method)
     got = [warm.exec_run(["cat", t]).output.decode() for t in targets]
     assert targets == got
+
+
+@pytest.mark.parametrize("method", ["tar", "dd"])
+def test_gnu_tar_and_coreutils(dockerd: Dockerd, tmp_path: Path, method: str) -> None:
+    """With dash, GNU tar and coreutils: bytes and modes right; a full tmpfs leaves nothing."""
+    client = dockerd.client()
+    if not client.images.list(name=IMAGE_GNU):
+        pytest.skip("no GNU userland on this host to build the image from")
+    container = client.containers.run(
+        IMAGE_GNU,
+        ["sleep", "600"],
+        detach=True,
+        network_mode="none",
+        tmpfs={"/tmp": "size=2m"},
+        cap_drop=["ALL"],
+    )
+    try:
+        data = os.urandom(100_001)
+        inject(container, [_asset(tmp_path, "/tmp/g/a.bin", data)], method=method)
+        _, out = _sh(container, "sha256sum /tmp/g/a.bin; stat -c '%a %u' /tmp/g/a.bin /tmp/g")
+        assert f"{hashlib.sha256(data).hexdigest()}  /tmp/g/a.bin\n444 0\n755 0\n" == out
+        big = _asset(tmp_path, "/tmp/big.bin", os.urandom(3 << 20))
+        with pytest.raises(Unavailable):
+            inject(container, [big], method=method)
+        assert "/tmp\n/tmp/g\n/tmp/g/a.bin\n" == _listing(container, "/tmp")
+    finally:
+        container.remove(force=True)

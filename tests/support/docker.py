@@ -2,8 +2,10 @@
 
 Runs as root with its own short temp directory (socket paths have a 108-byte
 limit), the vfs storage driver, no bridge and no iptables. No registry is
-reachable, so the images are imported from a rootfs made of the static
-busybox: ``IMAGE`` has every busybox applet, ``IMAGE_NO_TAR`` all but tar.
+reachable, so the images are imported from local files: ``IMAGE`` has the
+static busybox and every applet, ``IMAGE_NO_TAR`` all but tar, and
+``IMAGE_GNU`` the host's dash, GNU tar and coreutils (as in Debian-based
+images; busybox's shell would run its own applets even where GNU tools are).
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import posixpath
+import re
 import shutil
 import signal
 import subprocess
@@ -23,6 +27,11 @@ from typing import Any
 
 IMAGE = "assetd-test:busybox"
 IMAGE_NO_TAR = "assetd-test:notar"
+IMAGE_GNU = "assetd-test:gnu"  # dash, GNU tar and coreutils from the host (Debian images' tools)
+_GNU_TOOLS = (
+    "dash", "tar", "stat", "mv", "chmod", "chown", "mkdir", "rm", "dd", "cat", "sha256sum",
+    "wc", "sleep", "find", "sort", "ls",
+)  # fmt: skip
 
 
 def missing() -> str | None:
@@ -59,6 +68,51 @@ def _rootfs_tar(busybox: Path, without: frozenset[str] = frozenset()) -> bytes:
         info = tarfile.TarInfo("etc/passwd")
         info.size = len(passwd)
         tar.addfile(info, io.BytesIO(passwd))
+    return out.getvalue()
+
+
+def _gnu_rootfs_tar() -> bytes | None:
+    """A merged-/usr rootfs of the host's dash, GNU tar and coreutils with their libraries."""
+    found = [shutil.which(tool) for tool in _GNU_TOOLS]
+    if None in found:
+        return None
+    files: set[str] = set()
+    for binary in found:
+        assert binary is not None
+        files.add(binary)
+        ldd = subprocess.run(["ldd", binary], capture_output=True, text=True, check=False).stdout
+        files.update(re.findall(r"(/\S+\.so[.\d]*)", ldd))
+
+    def under_usr(path: str) -> str:
+        for top in ("/bin/", "/sbin/", "/lib/", "/lib64/"):
+            if path.startswith(top):
+                return "usr" + path
+        return path.lstrip("/")
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as tar:
+        for name in ("tmp", "data", "usr", "usr/bin", "usr/lib", "usr/lib64"):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, 0o1777 if name == "tmp" else 0o755
+            tar.addfile(info)
+        for name, target in (("bin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64")):
+            link = tarfile.TarInfo(name)
+            link.type, link.linkname = tarfile.SYMTYPE, target
+            tar.addfile(link)
+        names = {under_usr(path): path for path in sorted(files)}
+        parents = sorted(
+            {posixpath.dirname(n) for n in names} - {"usr", "usr/bin", "usr/lib", "usr/lib64"}
+        )
+        for parent in parents:
+            info = tarfile.TarInfo(parent)
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        for name, path in sorted(names.items()):
+            tar.add(os.path.realpath(path), arcname=name)
+        if "usr/bin/sh" not in names:
+            link = tarfile.TarInfo("usr/bin/sh")
+            link.type, link.linkname = tarfile.SYMTYPE, "dash"
+            tar.addfile(link)
     return out.getvalue()
 
 
@@ -107,6 +161,10 @@ class Dockerd:
             for image, without in ((IMAGE, frozenset()), (IMAGE_NO_TAR, frozenset({"tar"}))):
                 repo, tag = image.split(":")
                 api.import_image_from_data(_rootfs_tar(busybox, without), repository=repo, tag=tag)
+            gnu = _gnu_rootfs_tar()
+            if gnu is not None:
+                repo, tag = IMAGE_GNU.split(":")
+                api.import_image_from_data(gnu, repository=repo, tag=tag)
         except Exception as exc:  # leave nothing running or on disk behind
             log = self.log()[-2000:]
             self.stop()
