@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import queue
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -181,6 +182,7 @@ class ShapingProxy:
     upstream: tuple[str, int]
     shape: Shape = field(default_factory=Shape)
     max_connections: int = 256
+    server_ssl: ssl.SSLContext | None = None  # set: clients speak TLS to the proxy (https://)
     connections: int = 0  # accepted since start (or the last reset)
     requests: list[Request] = field(default_factory=list)
     _listener: socket.socket | None = None
@@ -257,6 +259,14 @@ class ShapingProxy:
             self._spawn(self._serve, f"shape-conn-{n}", client, n)
 
     def _serve(self, client: socket.socket, n: int) -> None:
+        if self.server_ssl is not None:
+            try:
+                client.settimeout(10)
+                client = self.server_ssl.wrap_socket(client, server_side=True)
+                client.settimeout(None)
+            except OSError:
+                client.close()
+                return
         try:
             upstream = socket.create_connection(self.upstream, timeout=10)
         except OSError:
@@ -301,6 +311,10 @@ class ShapingProxy:
         finally:
             if reset:
                 _abort(dst)
+            elif isinstance(dst, ssl.SSLSocket):
+                # no TLS half-close: end both directions (SSLSocket.shutdown drops the TLS layer)
+                with contextlib.suppress(OSError):
+                    socket.socket.shutdown(dst, socket.SHUT_RDWR)
             else:
                 with contextlib.suppress(OSError):
                     dst.shutdown(socket.SHUT_WR)
