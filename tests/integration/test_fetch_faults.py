@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from assetd.config import S3Config, load_config
 from assetd.fetcher.s3 import S3Fetcher
 from assetd.service import AssetService
 from assetd.store import Store
+from tests.support.daemon import DaemonProcess, socket_dir, write_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.seaweedfs import ADMIN_KEY, SeaweedFS, ensure_bucket
 
@@ -338,3 +340,65 @@ def test_body_trickle_ends_at_the_deadline(objects: dict[str, Obj], rig_for: Any
     """A body at 1 byte/s: `timeout` at the deadline, and the connection is dropped."""
     obj = objects["plain-md5"]
     _trickle_test(obj, rig_for(obj, read_timeout_s=5.0), trickle_body=1.0)
+
+
+# --- shutdown while a GET hangs ---------------------------------------------------
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="af", dir="/tmp") as tmp:
+        yield socket_dir(Path(tmp))
+
+
+@pytest.mark.xfail(strict=True, reason=f"{ISSUE10}: a worker stays blocked in a trickling read")
+def test_sigterm_during_a_hung_get_exits_within_the_grace_period(
+    seaweedfs: SeaweedFS, objects: dict[str, Obj], short_tmp: Path
+) -> None:
+    """SIGTERM while a GET's headers trickle in: the daemon exits within grace + a margin."""
+    grace = 2.0
+    proxy = FaultProxy(seaweedfs.ports["s3"]).start()
+    proxy.add(method="GET", trickle_headers=1.0, trickle_max_s=12.0)
+    sock = str(short_tmp / "d.sock")
+    config = write_config(
+        short_tmp / "d.toml",
+        {
+            "daemon": {"socket": sock},
+            "cache": {"dir": str(short_tmp / "cache")},
+            "s3": {
+                "endpoint_url": proxy.url,
+                "region": "us-east-1",
+                "addressing_style": "path",
+                "read_timeout_s": 5,
+                "deadline_s": 60,
+            },
+            "log": {"format": "json"},
+        },
+    )
+    env = {"AWS_ACCESS_KEY_ID": ADMIN_KEY[0], "AWS_SECRET_ACCESS_KEY": ADMIN_KEY[1]}
+    d = DaemonProcess(config, sock, short_tmp / "d.log", env=env, grace=grace).start()
+    answers: list[Any] = []
+
+    def ask() -> None:
+        try:
+            answers.append(d.request({"op": "resolve", "source": f"s3://{BUCKET}/plain.bin"}))
+        except (OSError, ValueError) as exc:  # a closed connection is a clean end too
+            answers.append(repr(exc))
+
+    asker = threading.Thread(target=ask, daemon=True)
+    try:
+        asker.start()
+        until = time.monotonic() + 10
+        while not proxy.counts["GET"] and time.monotonic() < until:
+            time.sleep(0.05)
+        assert proxy.counts["GET"], "the GET never started"
+        time.sleep(0.5)
+        started = time.monotonic()
+        code = d.stop(timeout=30)
+        took = time.monotonic() - started
+    finally:
+        d.kill()
+        proxy.stop()
+    asker.join(5)
+    assert 0 == code
+    assert took < grace + 3, took
