@@ -27,6 +27,7 @@ from assetd.fetcher.s3 import (
     S3Fetcher,
     translate_error,
 )
+from assetd.fetcher.transport import Aborted, BadResponse, RequestTimeout
 from assetd.store import Store
 from tests.support.faultproxy import FaultProxy
 
@@ -89,6 +90,9 @@ EXPECTED_EXCEPTIONS: list[tuple[BaseException, str]] = [
     (ConnectionResetError("reset"), "unavailable"),
     (http.client.IncompleteRead(b"", 10), "unavailable"),
     (OSError("no route"), "unavailable"),
+    (RequestTimeout("stalled"), "timeout"),
+    (BadResponse("Content-Length -1"), "unavailable"),
+    (Aborted("shutting down"), "unavailable"),
 ]
 
 
@@ -186,6 +190,7 @@ def _fetcher(proxy: FaultProxy, **overrides: Any) -> S3Fetcher:
         connect_timeout_s=2,
         read_timeout_s=overrides.pop("read_timeout_s", 5),
         max_attempts=overrides.pop("max_attempts", 4),
+        **overrides,
     )
     return S3Fetcher(
         cfg, retry=RetryPolicy(max_attempts=cfg.max_attempts, base_delay_s=0.01, max_delay_s=0.05)
@@ -208,38 +213,32 @@ def _put(s3: Any, key: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_fetch_success_verifies_md5_and_sha256(
-    s3: Any, fault_proxy: FaultProxy, store: Store
-) -> None:
-    """A plain object is fetched with one HEAD and one GET, hashed correctly."""
+def test_fetch_success_is_one_get(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """An object no bigger than one part: one GET, no HEAD, MD5 and SHA-256 checked."""
     want = _put(s3, "ok.csv", os.urandom(300_000))
     assert want == _fetch(_fetcher(fault_proxy), store, "ok.csv")
-    assert {"HEAD": 1, "GET": 1} == dict(fault_proxy.counts)
+    assert {"GET": 1} == dict(fault_proxy.counts)
 
 
-def test_fetch_large_object_through_the_pipeline(
-    s3: Any, fault_proxy: FaultProxy, store: Store
-) -> None:
-    """An object above the pipelining threshold hashes the same as hashlib does."""
-    want = _put(s3, "big.bin", os.urandom(9 << 20))
-    assert want == _fetch(_fetcher(fault_proxy), store, "big.bin")
+def test_fetch_large_object_in_parts(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """An object of several parts is fetched as ranged GETs and hashes as hashlib does."""
+    want = _put(s3, "big.bin", os.urandom(9 << 20 | 12345))
+    fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=4)
+    assert want == _fetch(fetcher, store, "big.bin")
+    assert {"GET": 10} == dict(fault_proxy.counts)
+
+
+def test_empty_object(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """An empty object (no byte 0 to range over) is fetched and hashes as empty."""
+    assert _put(s3, "empty", b"") == _fetch(_fetcher(fault_proxy), store, "empty")
 
 
 def test_not_found_is_final(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A missing key is not_found after one HEAD and no GET."""
+    """A missing key is not_found after one GET."""
     with pytest.raises(errors.NotFound) as info:
         _fetch(_fetcher(fault_proxy), store, "missing.csv")
     assert "object s3://assetd-tests/missing.csv does not exist" == info.value.message
-    assert {"HEAD": 1} == dict(fault_proxy.counts)
-
-
-def test_access_denied_is_never_retried(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A 403 on HEAD is access_denied at once."""
-    _put(s3, "secret.csv", b"x")
-    fault_proxy.add(method="HEAD", status=403, code="AccessDenied")
-    with pytest.raises(errors.AccessDenied):
-        _fetch(_fetcher(fault_proxy), store, "secret.csv")
-    assert {"HEAD": 1} == dict(fault_proxy.counts)
+    assert {"GET": 1} == dict(fault_proxy.counts)
 
 
 def test_access_denied_on_get_is_never_retried(
@@ -253,21 +252,24 @@ def test_access_denied_on_get_is_never_retried(
     assert 1 == fault_proxy.counts["GET"]
 
 
-def test_stall_then_retry_succeeds(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A GET that stalls past the read timeout is retried and then succeeds."""
-    want = _put(s3, "stall.csv", os.urandom(10_000))
-    fault_proxy.add(method="GET", stall=2.0, times=1)
-    assert want == _fetch(_fetcher(fault_proxy, read_timeout_s=0.5), store, "stall.csv")
-    assert 2 == fault_proxy.counts["GET"]
+def test_stall_ends_in_timeout_at_read_timeout(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A GET whose answer stalls past read_timeout_s ends with timeout then, not at the deadline."""
+    _put(s3, "stall.csv", os.urandom(10_000))
+    fault_proxy.add(method="GET", stall=3.0, times=1)
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        _fetch(_fetcher(fault_proxy, read_timeout_s=0.5), store, "stall.csv")
+    assert time.monotonic() - started < 2.0
 
 
 def test_slowdown_burst_then_success(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """503 SlowDown twice on HEAD and twice on GET, then the fetch succeeds."""
+    """503 SlowDown twice on GET, then the fetch succeeds."""
     want = _put(s3, "busy.csv", os.urandom(10_000))
-    fault_proxy.add(method="HEAD", status=503, code="SlowDown", times=2)
     fault_proxy.add(method="GET", status=503, code="SlowDown", times=2)
     assert want == _fetch(_fetcher(fault_proxy), store, "busy.csv")
-    assert {"HEAD": 3, "GET": 3} == dict(fault_proxy.counts)
+    assert {"GET": 3} == dict(fault_proxy.counts)
 
 
 def test_retries_exhausted_is_unavailable(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
@@ -280,45 +282,72 @@ def test_retries_exhausted_is_unavailable(s3: Any, fault_proxy: FaultProxy, stor
     assert 3 == fault_proxy.counts["GET"]
 
 
-def test_truncated_body_is_retried(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A body cut short mid-stream is a transient failure: fetched again whole."""
+def test_truncated_body_resumes_where_it_stopped(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A body cut short mid-stream is resumed with a range from the first missing byte."""
     want = _put(s3, "cut.bin", os.urandom(200_000))
     fault_proxy.add(method="GET", truncate=1000, times=1)
     assert want == _fetch(_fetcher(fault_proxy), store, "cut.bin")
     assert 2 == fault_proxy.counts["GET"]
 
 
-def test_oversize_object_refused_with_zero_gets(
+def test_parts_failing_mid_body_are_byte_exact(
     s3: Any, fault_proxy: FaultProxy, store: Store
 ) -> None:
-    """HEAD's size over the limit refuses the object before any GET."""
-    _put(s3, "huge.bin", os.urandom(5000))
+    """Several parts cut mid-body are each resumed; the result is the object, byte for byte."""
+    data = os.urandom(6 << 20)
+    want = _put(s3, "cuts.bin", data)
+    fault_proxy.add(method="GET", truncate=300_000, times=4)
+    fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=3)
+    assert want == _fetch(fetcher, store, "cuts.bin")
+    assert 6 + 4 == fault_proxy.counts["GET"]
+
+
+def test_oversize_object_refused_after_one_get(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """The first GET's Content-Range over the limit refuses the object: no other request."""
+    _put(s3, "huge.bin", os.urandom(3 << 20))
     with pytest.raises(errors.TooLarge):
-        _fetch(_fetcher(fault_proxy), store, "huge.bin", max_bytes=4999)
-    assert 0 == fault_proxy.counts["GET"]
+        _fetch(_fetcher(fault_proxy, part_size=1 << 20), store, "huge.bin", max_bytes=(3 << 20) - 1)
+    assert {"GET": 1} == dict(fault_proxy.counts)
 
 
-def test_body_longer_than_head_said_is_too_large(
-    s3: Any, fault_proxy: FaultProxy, store: Store
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Content-Length", "-1"),
+        ("Content-Length", "abc"),
+        ("Content-Range", "bytes 5-9/5000"),
+        ("Content-Range", "bytes 0-99/100"),
+    ],
+    ids=["negative-length", "non-numeric-length", "other-range", "short-range"],
+)
+def test_nonsense_headers_are_unavailable(
+    s3: Any, fault_proxy: FaultProxy, store: Store, header: tuple[str, str]
 ) -> None:
-    """A body longer than HEAD announced is cut off and refused as too_large."""
+    """Nonsense framing headers on every answer end in a retryable unavailable, never internal."""
     _put(s3, "liar.bin", os.urandom(5000))
-    fault_proxy.add(method="HEAD", header=("Content-Length", "100"))
-    with pytest.raises(errors.TooLarge):
-        _fetch(_fetcher(fault_proxy), store, "liar.bin", max_bytes=1000)
+    fault_proxy.add(method="GET", header=header)
+    with pytest.raises(errors.Unavailable) as info:
+        _fetch(_fetcher(fault_proxy, max_attempts=2), store, "liar.bin")
+    assert info.value.retryable
+    assert 2 == fault_proxy.counts["GET"]
     assert [] == list(store.tmp.iterdir())
 
 
-def test_object_replaced_between_head_and_get(
+def test_object_replaced_between_parts_is_byte_exact(
     s3: Any, fault_proxy: FaultProxy, store: Store
 ) -> None:
-    """An object replaced after HEAD yields the new bytes whole, never a mix."""
-    old = os.urandom(100_000)
-    new = os.urandom(100_000)
+    """An object replaced after the first part (412 on the next) yields the new bytes whole."""
+    old = os.urandom(3 << 20)
+    new = os.urandom(3 << 20)
     _put(s3, "moving.csv", old)
+    fault_proxy.add(method="GET", times=1, path="moving", before=lambda: None)
     fault_proxy.add(method="GET", times=1, before=lambda: _put(s3, "moving.csv", new))
-    assert hashlib.sha256(new).hexdigest() == _fetch(_fetcher(fault_proxy), store, "moving.csv")
-    assert 2 == fault_proxy.counts["HEAD"]
+    fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=1)
+    assert hashlib.sha256(new).hexdigest() == _fetch(fetcher, store, "moving.csv")
 
 
 def test_versioned_fetch_is_pinned(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
@@ -352,3 +381,31 @@ def test_deadline_passed_is_timeout(s3: Any, fault_proxy: FaultProxy, store: Sto
     with pytest.raises(errors.Timeout):
         _fetch(fetcher, store, "slow.csv", timeout=0.5)
     assert time.monotonic() - started < 2.0
+
+
+def test_revalidate_unchanged_is_one_304(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """A conditional GET of an unchanged object: one request, answered 304."""
+    _put(s3, "same.csv", b"same")
+    etag = s3.head_object(Bucket=BUCKET, Key="same.csv")["ETag"]
+    fault_proxy.reset()
+    got = _fetcher(fault_proxy).revalidate(BUCKET, "same.csv", etag, deadline=time.monotonic() + 5)
+    assert (None, {"GET": 1}) == (got, dict(fault_proxy.counts))
+
+
+def test_revalidate_changed_reuses_the_answer(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A changed object: the revalidating GET is the new fetch's first part (one request)."""
+    _put(s3, "chg.csv", b"old")
+    etag = s3.head_object(Bucket=BUCKET, Key="chg.csv")["ETag"]
+    want = _put(s3, "chg.csv", b"new content")
+    fault_proxy.reset()
+    fetcher = _fetcher(fault_proxy)
+    deadline = time.monotonic() + 5
+    first = fetcher.revalidate(BUCKET, "chg.csv", etag, deadline=deadline)
+    assert first is not None
+    with store.staged() as staged:
+        got = fetcher.fetch(
+            BUCKET, "chg.csv", None, staged, max_bytes=1 << 20, deadline=deadline, first=first
+        )
+    assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))

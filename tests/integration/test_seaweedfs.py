@@ -52,7 +52,7 @@ def test_wrong_keys_are_access_denied(seaweedfs: SeaweedFS, bucket: Any, tmp_pat
     try:
         with pytest.raises(errors.AccessDenied):
             service.resolve(f"s3://{BUCKET}/datasets/denied.csv")
-        assert {"head": 1} == dict(service.fetcher.requests)
+        assert {"get": 1} == dict(service.fetcher.requests)
     finally:
         service.close()
 
