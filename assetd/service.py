@@ -88,9 +88,13 @@ class AssetService:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def reconfigure(self, config: Config) -> None:
-        """Apply reloadable settings (allowlists, limits, freshness) from a new config."""
+        """Apply reloadable settings (allowlists, limits, freshness, S3) from a new config."""
         self.config = config
         self.policy = config.policy()
+        fetcher = self.fetcher.reconfigured(config.s3)
+        if fetcher is not self.fetcher:
+            old, self.fetcher = self.fetcher, fetcher
+            old.close()  # idle connections only: downloads in flight finish on it
         with self._lock:
             self._negative.clear()  # a new allowlist or new credentials may change the answer
 

@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, TypeVar
 
+from assetd.config import S3Config
 from assetd.errors import (
     AssetError,
     IntegrityError,
@@ -325,6 +326,10 @@ class Fetcher(ABC):
     def close(self) -> None:
         """Release idle resources; in-flight fetches finish (a reload replaced us)."""
         return None
+
+    def reconfigured(self, s3: S3Config) -> Fetcher:
+        """A fetcher for new ``[s3]`` settings (SIGHUP), or self if nothing it uses changed."""
+        return self
 
     def _count(self, op: str) -> None:
         with _COUNT_LOCK:

@@ -288,6 +288,35 @@ class S3Fetcher(Fetcher):
             self._ssl = ctx
         return self._ssl
 
+    # [s3] keys the transport is built from; the others (allowlists, limits) are policy
+    TRANSPORT_KEYS = (
+        "endpoint_url",
+        "region",
+        "addressing_style",
+        "connect_timeout_s",
+        "read_timeout_s",
+        "max_attempts",
+        "part_size",
+        "max_concurrency",
+    )
+
+    def reconfigured(self, s3: S3Config) -> Fetcher:
+        """A new fetcher (new client, pool and settings) if a transport key changed.
+
+        Downloads in flight finish on this one; both share the stop flag and
+        the request counters.
+        """
+        changed = [k for k in self.TRANSPORT_KEYS if getattr(s3, k) != getattr(self.config, k)]
+        if not changed:
+            return self
+        log.info("reload: new S3 settings apply to new downloads", keys=changed)
+        return S3Fetcher(
+            s3,
+            max_connections=self._pool.max_idle,
+            stopping=self.stopping,
+            requests=self.requests,
+        )
+
     def abort(self) -> None:
         super().abort()
         self._pool.abort()
