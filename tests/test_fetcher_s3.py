@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import os
+import select
+import socket
 import ssl
+import threading
 import time
+import urllib.parse
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ from botocore.config import Config as BotoConfig
 
 from assetd import errors
 from assetd.config import S3Config
+from assetd.fetcher import transport
 from assetd.fetcher.base import ObjectChanged, RetryPolicy
 from assetd.fetcher.s3 import (
     CLIENT_ERROR_CODES,
@@ -409,3 +416,207 @@ def test_revalidate_changed_reuses_the_answer(
             BUCKET, "chg.csv", None, staged, max_bytes=1 << 20, deadline=deadline, first=first
         )
     assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))
+
+
+# --- the transport: idle connections, trickles, proxies -------------------------------
+
+
+def _wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_server_closed_idle_connection_is_not_reused(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A kept-alive connection the server closed while idle is replaced: no failed request."""
+    want = _put(s3, "idle.csv", os.urandom(5000))
+    fault_proxy.idle_close = 0.3
+    fetcher = _fetcher(fault_proxy, max_attempts=1)
+    assert want == _fetch(fetcher, store, "idle.csv")
+    assert _wait_for(lambda: 1 == fault_proxy.idle_closed)
+    assert want == _fetch(fetcher, store, "idle.csv")
+    assert ({"GET": 2}, 2) == (dict(fault_proxy.counts), fault_proxy.connections)
+
+
+def test_stale_reused_connection_is_retried_at_once(
+    s3: Any, fault_proxy: FaultProxy, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reused connection that fails before any byte is retried at once, spending no attempt."""
+    want = _put(s3, "race.csv", os.urandom(5000))
+    fault_proxy.idle_close = 0.2
+    fetcher = _fetcher(fault_proxy, max_attempts=1)
+    assert want == _fetch(fetcher, store, "race.csv")
+    assert _wait_for(lambda: 1 == fault_proxy.idle_closed)
+    # the server's close races our reuse: the pool's check cannot see it
+    monkeypatch.setattr(transport.Connection, "usable", lambda self, now: True)
+    assert want == _fetch(fetcher, store, "race.csv")
+    assert 2 == fault_proxy.connections
+
+
+@pytest.mark.parametrize("rule", ["trickle_headers", "trickle_body"])
+def test_trickle_ends_at_read_timeout_and_closes(
+    s3: Any, fault_proxy: FaultProxy, store: Store, rule: str
+) -> None:
+    """Headers or body sent a byte at a time: timeout at read_timeout_s, connection closed."""
+    _put(s3, "drip.csv", os.urandom(2000))
+    fault_proxy.add(method="GET", trickle_max_s=20.0, **{rule: 0.1})
+    fetcher = _fetcher(fault_proxy, read_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        _fetch(fetcher, store, "drip.csv", timeout=30)
+    assert time.monotonic() - started < 2.5
+    assert _wait_for(lambda: bool(fault_proxy.trickle_ended), 3.0)
+    assert fault_proxy.trickle_ended[0] < 3.0  # the proxy saw us hang up
+
+
+def test_trickle_ends_at_the_deadline_before_read_timeout(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """With a deadline shorter than read_timeout_s, a trickling body ends at the deadline."""
+    _put(s3, "drip2.csv", os.urandom(2000))
+    fault_proxy.add(method="GET", trickle_body=0.1, trickle_max_s=20.0)
+    fetcher = _fetcher(fault_proxy, read_timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        _fetch(fetcher, store, "drip2.csv", timeout=1.0)
+    assert time.monotonic() - started < 2.0
+
+
+def test_abort_ends_a_hung_get_promptly(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """abort() (daemon shutdown) ends a GET hung on a silent server within a second."""
+    _put(s3, "hung.csv", os.urandom(2000))
+    fault_proxy.add(method="GET", trickle_headers=1.0, trickle_max_s=20.0)
+    fetcher = _fetcher(fault_proxy, read_timeout_s=30)
+    threading.Timer(0.5, fetcher.abort).start()
+    started = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        _fetch(fetcher, store, "hung.csv", timeout=30)
+    assert time.monotonic() - started < 2.0
+
+
+class CountingProxy:
+    """A tiny forward proxy on 127.0.0.1: absolute-URI requests and CONNECT, counted."""
+
+    def __init__(self) -> None:
+        self.requests: list[str] = []
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:
+                proxy.requests.append(f"GET {self.path}")
+                parts = urllib.parse.urlsplit(self.path)
+                conn = http.client.HTTPConnection(parts.netloc, timeout=10)
+                target = parts.path + (f"?{parts.query}" if parts.query else "")
+                conn.request("GET", target, headers=dict(self.headers.items()))
+                resp = conn.getresponse()
+                body = resp.read()
+                self.send_response(resp.status)
+                for k, v in resp.getheaders():
+                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_CONNECT(self) -> None:
+                proxy.requests.append(f"CONNECT {self.path}")
+                host, port = self.path.rsplit(":", 1)
+                upstream = socket.create_connection((host, int(port)), timeout=10)
+                self.send_response(200)
+                self.end_headers()
+                _relay(self.connection, upstream)
+                self.close_connection = True
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def _relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    socks = [a, b]
+    try:
+        while True:
+            ready, _, _ = select.select(socks, [], [], 10)
+            if not ready:
+                return
+            for s in ready:
+                data = s.recv(1 << 16)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+    except OSError:
+        return
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[CountingProxy]:
+    p = CountingProxy()
+    yield p
+    p.stop()
+
+
+def test_http_proxy_from_env_is_used(
+    s3: Any,
+    fault_proxy: FaultProxy,
+    store: Store,
+    forward_proxy: CountingProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY (the endpoint is http://) carries the GET, as botocore would send it."""
+    want = _put(s3, "viaproxy.csv", os.urandom(3000))
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert want == _fetch(_fetcher(fault_proxy), store, "viaproxy.csv")
+    assert 1 == len(forward_proxy.requests)
+    assert forward_proxy.requests[0].startswith(f"GET {fault_proxy.url}/")
+
+
+def test_no_proxy_is_honoured(
+    s3: Any,
+    fault_proxy: FaultProxy,
+    store: Store,
+    forward_proxy: CountingProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NO_PROXY naming the endpoint's host sends the GET straight to it."""
+    want = _put(s3, "direct.csv", os.urandom(3000))
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert want == _fetch(_fetcher(fault_proxy), store, "direct.csv")
+    assert ([], {"GET": 1}) == (forward_proxy.requests, dict(fault_proxy.counts))
+
+
+def test_reload_builds_a_new_fetcher_only_for_transport_keys(fault_proxy: FaultProxy) -> None:
+    """A changed endpoint gives a new fetcher sharing counters and stop flag; a limit does not."""
+    old = _fetcher(fault_proxy)
+    same = old.reconfigured(dataclasses.replace(old.config, max_object_bytes=5))
+    new = old.reconfigured(dataclasses.replace(old.config, endpoint_url="http://127.0.0.1:9"))
+    assert same is old
+    assert isinstance(new, S3Fetcher)
+    assert ("http://127.0.0.1:9", True, True) == (
+        new.config.endpoint_url,
+        new.requests is old.requests,
+        new.stopping is old.stopping,
+    )
