@@ -440,7 +440,27 @@ def test_server_closed_idle_connection_is_not_reused(
     assert want == _fetch(fetcher, store, "idle.csv")
     assert _wait_for(lambda: 1 == fault_proxy.idle_closed)
     assert want == _fetch(fetcher, store, "idle.csv")
-    assert ({"GET": 2}, 2) == (dict(fault_proxy.counts), fault_proxy.connections)
+    assert ({"GET": 2}, 2, 0) == (
+        dict(fault_proxy.counts),
+        fault_proxy.connections,
+        fetcher._pool.stale_retries,
+    )
+
+
+def test_connection_idle_past_the_bound_is_not_reused(
+    s3: Any, fault_proxy: FaultProxy, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled connection idle longer than IDLE_MAX_S is dropped even if the server kept it."""
+    want = _put(s3, "old.csv", os.urandom(5000))
+    fault_proxy.idle_close = 60.0
+    monkeypatch.setattr(transport, "IDLE_MAX_S", 0.2)
+    fetcher = _fetcher(fault_proxy)
+    assert want == _fetch(fetcher, store, "old.csv")
+    assert want == _fetch(fetcher, store, "old.csv")
+    assert 1 == fault_proxy.connections  # reused while fresh
+    time.sleep(0.4)
+    assert want == _fetch(fetcher, store, "old.csv")
+    assert 2 == fault_proxy.connections
 
 
 def test_stale_reused_connection_is_retried_at_once(
@@ -455,7 +475,7 @@ def test_stale_reused_connection_is_retried_at_once(
     # the server's close races our reuse: the pool's check cannot see it
     monkeypatch.setattr(transport.Connection, "usable", lambda self, now: True)
     assert want == _fetch(fetcher, store, "race.csv")
-    assert 2 == fault_proxy.connections
+    assert (2, 1) == (fault_proxy.connections, fetcher._pool.stale_retries)
 
 
 @pytest.mark.parametrize("rule", ["trickle_headers", "trickle_body"])

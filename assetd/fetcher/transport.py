@@ -357,7 +357,8 @@ class Pool:
         self._busy: set[Connection] = set()
         self._lock = threading.Lock()
         self._closed = False
-        self.opened = 0  # connections made; tests count them
+        self.opened = 0  # connections made
+        self.stale_retries = 0  # requests sent again after a reused connection had died
 
     # -- pool bookkeeping --------------------------------------------------------
 
@@ -496,6 +497,7 @@ class Pool:
             except (OSError, http.client.HTTPException):
                 self.discard(conn)
                 if conn.reused and conn.raw.received == 0:
+                    self.stale_retries += 1
                     continue  # the server closed it while idle: at once, on a new connection
                 raise
 
