@@ -10,6 +10,7 @@ import os
 import select
 import socket
 import ssl
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -339,7 +340,7 @@ def test_nonsense_headers_are_unavailable(
     fault_proxy.add(method="GET", header=header)
     with pytest.raises(errors.Unavailable) as info:
         _fetch(_fetcher(fault_proxy, max_attempts=2), store, "liar.bin")
-    assert info.value.retryable
+    assert (True, True) == (info.value.retryable, "BadResponse" in (info.value.detail or ""))
     assert 2 == fault_proxy.counts["GET"]
     assert [] == list(store.tmp.iterdir())
 
@@ -640,3 +641,91 @@ def test_reload_builds_a_new_fetcher_only_for_transport_keys(fault_proxy: FaultP
         new.requests is old.requests,
         new.stopping is old.stopping,
     )
+
+
+class TLSFront:
+    """TLS on 127.0.0.1 with a fresh self-signed certificate, relayed in clear to a port."""
+
+    def __init__(self, tmp: Path, upstream_port: int) -> None:
+        self.cert = tmp / "cert.pem"
+        key = tmp / "key.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+             "-keyout", str(key), "-out", str(self.cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(self.cert, key)
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+
+    def _one(self, raw: socket.socket) -> None:
+        try:
+            tls = self.ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        _relay(tls, upstream)
+        tls.close()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def tls_front(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[TLSFront]:
+    front = TLSFront(tmp_path, int(fault_proxy.url.rsplit(":", 1)[1]))
+    yield front
+    front.stop()
+
+
+def _tls_fetcher(front: TLSFront) -> S3Fetcher:
+    cfg = S3Config(
+        endpoint_url=f"https://127.0.0.1:{front.port}",
+        region="us-east-1",
+        addressing_style="path",
+        max_attempts=1,
+    )
+    return S3Fetcher(cfg, retry=RetryPolicy(max_attempts=1))
+
+
+def test_https_proxy_from_env_tunnels_and_ca_bundle_verifies(
+    s3: Any,
+    store: Store,
+    tls_front: TLSFront,
+    forward_proxy: CountingProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTPS_PROXY carries an https endpoint as a CONNECT tunnel; AWS_CA_BUNDLE verifies it."""
+    want = _put(s3, "tls.csv", os.urandom(3000))
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_front.cert))
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert want == _fetch(_tls_fetcher(tls_front), store, "tls.csv")
+    assert [f"CONNECT 127.0.0.1:{tls_front.port}"] == forward_proxy.requests
+
+
+def test_https_endpoint_needs_the_ca_bundle(
+    s3: Any, store: Store, tls_front: TLSFront, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without AWS_CA_BUNDLE the self-signed endpoint is refused (unavailable); with it, fetched."""
+    want = _put(s3, "tls2.csv", os.urandom(3000))
+    for var in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(errors.Unavailable):
+        _fetch(_tls_fetcher(tls_front), store, "tls2.csv")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_front.cert))
+    assert want == _fetch(_tls_fetcher(tls_front), store, "tls2.csv")

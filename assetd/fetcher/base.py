@@ -620,7 +620,7 @@ class Fetcher(ABC):
                         raise
                     raise Unavailable(
                         f"S3 kept failing after {self.retry.max_attempts} attempts",
-                        detail=repr(exc),
+                        detail=_describe(exc),
                     ) from exc
                 self._pause(attempt, job.deadline, exc)
             except BaseException:
@@ -718,8 +718,14 @@ class Fetcher(ABC):
             raise last
         raise Unavailable(
             f"S3 kept failing after {self.retry.max_attempts} attempts",
-            detail=repr(last),
+            detail=_describe(last),
         )
+
+
+def _describe(exc: BaseException | None) -> str:
+    """An error and its detail, for the log of the error that ends the retries."""
+    detail = getattr(exc, "detail", None)
+    return f"{exc!r}: {detail}" if detail else repr(exc)
 
 
 def _check_range(resp: PartResponse, start: int, end: int, meta: ObjectMeta) -> None:

@@ -428,7 +428,7 @@ class Pool:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, (origin, proxy), self.stop)
         try:
-            if hop.scheme == "https":
+            if proxy is not None and proxy.scheme == "https":
                 raise BadResponse("an https:// proxy is not supported; use http://")
             if proxy is not None and origin.scheme == "https":
                 self._tunnel(conn, origin, proxy, deadline)
