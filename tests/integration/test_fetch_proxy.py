@@ -3,9 +3,9 @@
 Grading hosts behind a campus proxy set HTTP_PROXY / HTTPS_PROXY / NO_PROXY;
 some use a private CA given by AWS_CA_BUNDLE or ``ca_bundle`` in the AWS
 config file. A counting forward proxy and a TLS front for SeaweedFS (its own
-self-signed CA) show which path each request took. Tests marked
-``xfail(strict=True)`` fail on the pre-issue-10 transport, which ignored
-proxies and the config file's ca_bundle; the fetcher rewrite flips them.
+self-signed CA) show which path each request took. The proxy tests and the
+config-file ca_bundle test failed on the pre-issue-10 transport, which
+ignored both.
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ BUCKET = "proxy-assets"
 KEY = "datasets/via-proxy.csv"
 BODY = b"id,name\n" + b"".join(b"%d,n%d\n" % (i, i) for i in range(500))
 SOURCE = f"s3://{BUCKET}/{KEY}"
-ISSUE10 = "issue 10: needs the fetcher rewrite (branch i10-fetch)"
 Factory = Callable[..., DaemonProcess]
 
 
@@ -125,7 +124,6 @@ def _dead_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE10}: HTTP_PROXY is ignored")
 def test_http_proxy_from_the_environment_is_used(
     make_daemon: Factory, seaweedfs: SeaweedFS, forward: ForwardProxy
 ) -> None:
@@ -148,7 +146,6 @@ def test_no_proxy_is_honoured(
     assert [] == forward.requests
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE10}: HTTP_PROXY is ignored")
 def test_dead_proxy_is_unavailable(make_daemon: Factory, seaweedfs: SeaweedFS) -> None:
     """A proxy that is down fails the resolve as retryable, as boto3 would: no silent bypass."""
     d = make_daemon(seaweedfs.endpoint_url, {"HTTP_PROXY": f"http://127.0.0.1:{_dead_port()}"})
@@ -173,7 +170,6 @@ def test_unknown_ca_is_unavailable(make_daemon: Factory, tls: tuple[str, Path]) 
     assert (False, "unavailable") == (answer["ok"], answer.get("error", {}).get("code"))
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE10}: ca_bundle in the AWS config file is ignored")
 def test_ca_bundle_from_the_aws_config_file(
     make_daemon: Factory, tls: tuple[str, Path], short_tmp: Path
 ) -> None:
@@ -184,7 +180,6 @@ def test_ca_bundle_from_the_aws_config_file(
     _resolve_ok(make_daemon(endpoint, {"AWS_CONFIG_FILE": str(aws_config)}))
 
 
-@pytest.mark.xfail(strict=True, reason=f"{ISSUE10}: HTTPS_PROXY is ignored")
 def test_https_proxy_tunnels_with_connect(
     make_daemon: Factory, tls: tuple[str, Path], forward: ForwardProxy
 ) -> None:
