@@ -86,7 +86,7 @@ class S3Config:
     read_timeout_s: float = 30.0
     max_attempts: int = 5
     deadline_s: float = 120.0
-    part_size: int = 8 << 20
+    part_size: int = 4 << 20
     max_concurrency: int = 10
 
 

@@ -306,7 +306,7 @@ class Fetcher(ABC):
         self,
         retry: RetryPolicy | None = None,
         *,
-        part_size: int = 8 << 20,
+        part_size: int = 4 << 20,
         max_concurrency: int = 10,
         stopping: threading.Event | None = None,
         requests: Counter[str] | None = None,

@@ -60,7 +60,7 @@ class MemoryFetcher(Fetcher):
         self,
         retry: RetryPolicy | None = None,
         *,
-        part_size: int = 8 << 20,
+        part_size: int = 4 << 20,
         max_concurrency: int = 4,
     ) -> None:
         super().__init__(
