@@ -729,3 +729,46 @@ def test_https_endpoint_needs_the_ca_bundle(
         _fetch(_tls_fetcher(tls_front), store, "tls2.csv")
     monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_front.cert))
     assert want == _fetch(_tls_fetcher(tls_front), store, "tls2.csv")
+
+
+def test_refused_connection_is_retried_then_unavailable(store: Store) -> None:
+    """Nothing listening at the endpoint: each attempt is refused, then unavailable (retryable)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again when the block ends
+    cfg = S3Config(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", max_attempts=3)
+    fetcher = S3Fetcher(cfg, retry=RetryPolicy(max_attempts=3, base_delay_s=0.01))
+    with pytest.raises(errors.Unavailable) as info:
+        _fetch(fetcher, store, "any.csv")
+    assert ("S3 kept failing after 3 attempts", 3) == (info.value.message, fetcher.requests["get"])
+
+
+def test_reload_sends_new_downloads_to_the_new_endpoint(
+    s3: Any, moto_server: str, tmp_path: Path
+) -> None:
+    """AssetService.reconfigure with a new endpoint_url: the next miss goes to the new one."""
+    from assetd.config import load_config
+    from assetd.service import AssetService
+
+    _put(s3, "a.csv", b"first\n")
+    _put(s3, "b.csv", b"second\n")
+    port = int(moto_server.rsplit(":", 1)[1])
+    old_proxy, new_proxy = FaultProxy(port).start(), FaultProxy(port).start()
+    try:
+        cfg = load_config(env={"ASSETD_CACHE_DIR": str(tmp_path / "cache")})
+        s3cfg = S3Config(endpoint_url=old_proxy.url, region="us-east-1", addressing_style="path")
+        cfg = dataclasses.replace(cfg, s3=s3cfg)
+        st = Store(cfg.cache.dir)
+        service = AssetService(cfg, S3Fetcher(cfg.s3), st)
+        try:
+            service.resolve(f"s3://{BUCKET}/a.csv")
+            moved = dataclasses.replace(s3cfg, endpoint_url=new_proxy.url)
+            service.reconfigure(dataclasses.replace(cfg, s3=moved))
+            service.resolve(f"s3://{BUCKET}/b.csv")
+        finally:
+            service.close()
+            st.close()
+        assert ({"GET": 1}, {"GET": 1}) == (dict(old_proxy.counts), dict(new_proxy.counts))
+        assert 2 == service.fetcher.requests["get"]  # counters carry over the reload
+    finally:
+        old_proxy.stop()
+        new_proxy.stop()

@@ -421,10 +421,8 @@ class Pool:
         timeout = min(self.connect_timeout, deadline - time.monotonic())
         if timeout <= 0:
             raise RequestTimeout("deadline passed before connecting")
-        try:
-            sock = socket.create_connection((hop.host, hop.port), timeout=timeout)
-        except TimeoutError as exc:
-            raise RequestTimeout(f"connect to {hop.netloc} timed out") from exc
+        # a connect timeout stays a TimeoutError: retryable, unlike a stalled answer
+        sock = socket.create_connection((hop.host, hop.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(sock, (origin, proxy), self.stop)
         try:
