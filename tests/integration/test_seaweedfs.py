@@ -193,3 +193,18 @@ def test_corrupted_body_of_same_length_is_never_cached(
             service.store.close()
     finally:
         proxy.stop()
+
+
+def test_empty_object_is_fetched(seaweedfs: SeaweedFS, bucket: Any, tmp_path: Path) -> None:
+    """An empty object (no byte 0 for the first part's range) resolves to an empty blob."""
+    bucket.put_object(Bucket=BUCKET, Key="datasets/empty.csv", Body=b"")
+    service = _service(seaweedfs, tmp_path / "cache")
+    try:
+        res = service.resolve(f"s3://{BUCKET}/datasets/empty.csv")
+    finally:
+        service.close()
+    assert (0, hashlib.sha256(b"").hexdigest(), b"") == (
+        res.size,
+        res.sha256,
+        res.path.read_bytes(),
+    )
