@@ -156,6 +156,7 @@ class _DeadlineRaw(io.RawIOBase):
         self.received = 0
         self._window_start = 0.0
         self._window_bytes = 0
+        self._timeout: float | None = None
 
     def arm(self, deadline: float, read_timeout: float) -> None:
         self.deadline = deadline
@@ -163,6 +164,10 @@ class _DeadlineRaw(io.RawIOBase):
         self.received = 0
         self._window_start = time.monotonic()
         self._window_bytes = 0
+
+    def forget_timeout(self) -> None:
+        """Someone else set the socket's timeout: set ours again before the next recv."""
+        self._timeout = None
 
     def readable(self) -> bool:
         return True
@@ -181,7 +186,10 @@ class _DeadlineRaw(io.RawIOBase):
             if self.stop.is_set():
                 raise Aborted("shutting down")
             wait = min(self.deadline, self._window_start + self.read_timeout) - now
-            self.sock.settimeout(max(0.001, min(wait, _STOP_POLL_S)))
+            timeout = max(0.001, min(wait, _STOP_POLL_S))
+            if timeout != self._timeout:  # settimeout costs two fcntl calls: skip repeats
+                self.sock.settimeout(timeout)
+                self._timeout = timeout
             try:
                 n = self.sock.recv_into(b)
             except TimeoutError:
@@ -526,6 +534,8 @@ class Pool:
             conn.sock.sendall(data)
         except TimeoutError as exc:
             raise RequestTimeout("send timed out") from exc
+        finally:
+            conn.raw.forget_timeout()
         while True:
             line = conn.fp.readline(_MAX_HEADER_LINE + 1)
             if not line:
