@@ -10,12 +10,9 @@ import os
 import select
 import socket
 import ssl
-import subprocess
 import threading
 import time
-import urllib.parse
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +35,8 @@ from assetd.fetcher.s3 import (
 from assetd.fetcher.transport import Aborted, BadResponse, RequestTimeout
 from assetd.store import Store
 from tests.support.faultproxy import FaultProxy
+from tests.support.forwardproxy import ForwardProxy
+from tests.support.tls import self_signed, server_context
 
 BUCKET = "assetd-tests"
 
@@ -520,57 +519,6 @@ def test_abort_ends_a_hung_get_promptly(s3: Any, fault_proxy: FaultProxy, store:
     assert time.monotonic() - started < 2.0
 
 
-class CountingProxy:
-    """A tiny forward proxy on 127.0.0.1: absolute-URI requests and CONNECT, counted."""
-
-    def __init__(self) -> None:
-        self.requests: list[str] = []
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, format: str, *args: object) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                proxy.requests.append(f"GET {self.path}")
-                parts = urllib.parse.urlsplit(self.path)
-                conn = http.client.HTTPConnection(parts.netloc, timeout=10)
-                target = parts.path + (f"?{parts.query}" if parts.query else "")
-                conn.request("GET", target, headers=dict(self.headers.items()))
-                resp = conn.getresponse()
-                body = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("connection", "transfer-encoding", "content-length"):
-                        self.send_header(k, v)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def do_CONNECT(self) -> None:
-                proxy.requests.append(f"CONNECT {self.path}")
-                host, port = self.path.rsplit(":", 1)
-                upstream = socket.create_connection((host, int(port)), timeout=10)
-                self.send_response(200)
-                self.end_headers()
-                _relay(self.connection, upstream)
-                self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 def _relay(a: socket.socket, b: socket.socket) -> None:
     """Copy bytes both ways until either side closes."""
     socks = [a, b]
@@ -591,17 +539,16 @@ def _relay(a: socket.socket, b: socket.socket) -> None:
 
 
 @pytest.fixture
-def forward_proxy() -> Iterator[CountingProxy]:
-    p = CountingProxy()
-    yield p
-    p.stop()
+def forward_proxy() -> Iterator[ForwardProxy]:
+    with ForwardProxy() as p:
+        yield p
 
 
 def test_http_proxy_from_env_is_used(
     s3: Any,
     fault_proxy: FaultProxy,
     store: Store,
-    forward_proxy: CountingProxy,
+    forward_proxy: ForwardProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """HTTP_PROXY (the endpoint is http://) carries the GET, as botocore would send it."""
@@ -611,14 +558,17 @@ def test_http_proxy_from_env_is_used(
     monkeypatch.delenv("no_proxy", raising=False)
     assert want == _fetch(_fetcher(fault_proxy), store, "viaproxy.csv")
     assert 1 == len(forward_proxy.requests)
-    assert forward_proxy.requests[0].startswith(f"GET {fault_proxy.url}/")
+    assert ("GET", True) == (
+        forward_proxy.requests[0].method,
+        forward_proxy.requests[0].target.startswith(f"{fault_proxy.url}/"),
+    )
 
 
 def test_no_proxy_is_honoured(
     s3: Any,
     fault_proxy: FaultProxy,
     store: Store,
-    forward_proxy: CountingProxy,
+    forward_proxy: ForwardProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """NO_PROXY naming the endpoint's host sends the GET straight to it."""
@@ -647,16 +597,8 @@ class TLSFront:
     """TLS on 127.0.0.1 with a fresh self-signed certificate, relayed in clear to a port."""
 
     def __init__(self, tmp: Path, upstream_port: int) -> None:
-        self.cert = tmp / "cert.pem"
-        key = tmp / "key.pem"
-        subprocess.run(
-            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-             "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-             "-keyout", str(key), "-out", str(self.cert)],
-            check=True, capture_output=True,
-        )  # fmt: skip
-        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.ctx.load_cert_chain(self.cert, key)
+        self.cert, key = self_signed(tmp)
+        self.ctx = server_context(self.cert, key)
         self.upstream_port = upstream_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
@@ -705,7 +647,7 @@ def test_https_proxy_from_env_tunnels_and_ca_bundle_verifies(
     s3: Any,
     store: Store,
     tls_front: TLSFront,
-    forward_proxy: CountingProxy,
+    forward_proxy: ForwardProxy,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """HTTPS_PROXY carries an https endpoint as a CONNECT tunnel; AWS_CA_BUNDLE verifies it."""
@@ -715,7 +657,9 @@ def test_https_proxy_from_env_tunnels_and_ca_bundle_verifies(
     monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
     assert want == _fetch(_tls_fetcher(tls_front), store, "tls.csv")
-    assert [f"CONNECT 127.0.0.1:{tls_front.port}"] == forward_proxy.requests
+    assert [("CONNECT", f"127.0.0.1:{tls_front.port}")] == [
+        (r.method, r.target) for r in forward_proxy.requests
+    ]
 
 
 def test_https_endpoint_needs_the_ca_bundle(
