@@ -47,7 +47,7 @@ demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
 
 bench: $(STAMP) sysdeps
-	$(BIN)/python bench/cold_fetch.py
+	$(BIN)/python bench/cold_fetch.py --profile loopback,wan --repeats 5
 	$(BIN)/python bench/hit_latency.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/inject.py

@@ -86,6 +86,8 @@ class S3Config:
     read_timeout_s: float = 30.0
     max_attempts: int = 5
     deadline_s: float = 120.0
+    part_size: int = 4 << 20
+    max_concurrency: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,16 @@ def _int(v: object) -> int:
     return v
 
 
+def _bounded(conv: Callable[[object], int], low: int, high: int) -> Callable[[object], int]:
+    def check(v: object) -> int:
+        n = conv(v)
+        if not low <= n <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return n
+
+    return check
+
+
 def _bool(v: object) -> bool:
     if isinstance(v, bool):
         return v
@@ -251,6 +263,8 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "s3.read_timeout_s": _positive(_number),
     "s3.max_attempts": lambda v: int(_positive(_int)(v)),
     "s3.deadline_s": _positive(_number),
+    "s3.part_size": _bounded(parse_size, 1 << 20, 5 << 30),
+    "s3.max_concurrency": _bounded(_int, 1, 64),
     "local.root": _opt_text,
     "log.format": _choice("auto", "json", "console"),
     "log.level": _choice("debug", "info", "warning", "error"),

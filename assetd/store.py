@@ -158,27 +158,49 @@ class StagedBlob:
             raise _disk_error(exc, "create temp file") from exc
         self.path = Path(name)
         self.size = 0
-        self._synced_to = 0
+        self._end = 0  # where write() appends
         self.sealed = False
 
-    def write(self, data: memoryview) -> None:
+    def allocate(self, size: int) -> None:
+        """Reserve ``size`` bytes on disk up front: parts land at their offsets, ENOSPC early."""
+        try:
+            os.ftruncate(self.fd, size)
+            if size:
+                os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.size = size  # a file system without fallocate: ENOSPC comes at write
+                return
+            raise _disk_error(exc, "allocate temp file") from exc
+        self.size = size
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
         try:
             view = data
             while view:
-                view = view[os.write(self.fd, view) :]
+                view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)) :]
         except OSError as exc:
             raise _disk_error(exc, "write temp file") from exc
-        self.size += len(data)
-        if _sync_file_range is not None and self.size - self._synced_to >= _WRITEBACK_EVERY:
-            _sync_file_range(
-                self.fd, self._synced_to, self.size - self._synced_to, _SYNC_FILE_RANGE_WRITE
-            )
-            self._synced_to = self.size
+        if _sync_file_range is not None and len(data) >= _WRITEBACK_EVERY // 4:
+            # start writeback of these bytes so the final fsync has little left
+            _sync_file_range(self.fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+
+    def pread(self, buf: memoryview, offset: int) -> int:
+        """Read back bytes already written (from the page cache) for hashing."""
+        try:
+            return os.preadv(self.fd, [buf], offset)
+        except OSError as exc:
+            raise _disk_error(exc, "read temp file") from exc
+
+    def write(self, data: memoryview) -> None:
+        """Append (sequential writers, e.g. tests and tools)."""
+        self.pwrite(data, self._end)
+        self._end += len(data)
+        self.size = max(self.size, self._end)
 
     def reset(self) -> None:
         os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        self.size = self._synced_to = 0
+        self.size = self._end = 0
         self.sealed = False
 
     def seal(self) -> None:

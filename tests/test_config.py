@@ -148,6 +148,8 @@ connect_timeout_s = 1.5
 read_timeout_s = 7
 max_attempts = 2
 deadline_s = 30
+part_size = "4MiB"
+max_concurrency = 6
 
 [local]
 root = "/srv/local"
@@ -202,6 +204,8 @@ def test_file_values(tmp_path: Path) -> None:
             read_timeout_s=7.0,
             max_attempts=2,
             deadline_s=30.0,
+            part_size=4 << 20,
+            max_concurrency=6,
         )
         == cfg.s3
     )
