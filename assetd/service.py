@@ -39,6 +39,7 @@ __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
 log = get_logger("assetd.service")
 _COUNTER = {"hit": "hits", "miss": "misses", "coalesced": "coalesced", "stale": "stale"}
+NULL_VERSION = "null"  # S3's id for the unversioned slot of a key
 _NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
 
 
@@ -183,10 +184,9 @@ class AssetService:
 
     def _fresh(self, ask: _Ask, hit: Hit, now: float) -> bool:
         ask.policy.check_size(hit.entry.size)  # a limit lowered by reload applies to hits too
-        return (
-            ask.version_id is not None
-            or now - hit.checked_at < self.config.cache.revalidate_after_s
-        )
+        # "null" names the unversioned slot, which an overwrite replaces: not immutable
+        immutable = ask.version_id is not None and ask.version_id != NULL_VERSION
+        return immutable or now - hit.checked_at < self.config.cache.revalidate_after_s
 
     def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved | None:
         """The answer for ``entry``, pinned; None if it was evicted or quarantined meanwhile."""
@@ -225,7 +225,7 @@ class AssetService:
             if self._fresh(ask, hit, time.time()):
                 return self._serve(ask, hit.entry, hit.path, "hit")
             try:
-                meta = self.fetcher.revalidate(bucket, key, hit.entry.etag, deadline=deadline)
+                meta = self._revalidate(ask, hit, deadline)
             except TransientError:
                 if not self.config.cache.serve_stale_on_error:
                     raise
@@ -233,7 +233,7 @@ class AssetService:
                 log.warning("serving stale copy", source=ask.text, sha256=hit.entry.sha256)
                 return self._serve(ask, hit.entry, hit.path, "stale")
             if meta is None or meta.etag == hit.entry.etag:  # None: 304, unchanged
-                self.store.mark_checked(bucket, key)
+                self.store.mark_checked(bucket, key, ask.version_id)
                 answer = self._serve(ask, hit.entry, hit.path, "hit")
                 if answer is not None:
                     return answer
@@ -244,6 +244,14 @@ class AssetService:
             timeout=max(0.0, deadline - time.monotonic()),
         )
         return self._serve(ask, entry, path, "coalesced" if shared else "miss")
+
+    def _revalidate(self, ask: _Ask, hit: Hit, deadline: float) -> ObjectMeta | None:
+        """None if S3 still holds the hit's ETag, else the object's new metadata."""
+        bucket, key = ask.source.bucket, ask.source.key
+        if ask.version_id is None:
+            return self.fetcher.revalidate(bucket, key, hit.entry.etag, deadline=deadline)
+        meta = self.fetcher.head(bucket, key, ask.version_id, deadline=deadline)  # "null"
+        return None if meta.etag == hit.entry.etag else meta
 
     def _fetch(self, ask: _Ask, meta: ObjectMeta | None) -> tuple[Entry, Path]:
         # the download has its own deadline: waiters may give up, the cache still fills

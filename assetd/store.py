@@ -66,8 +66,8 @@ __all__ = [
 log = get_logger("assetd.store")
 Fingerprint = tuple[int, int, int, int]
 _WRITEBACK_EVERY = 1 << 20
-HEADROOM_BYTES = 1 << 20
-TEMP_GRACE_S = 600.0  # a temp file of a live pid untouched this long is a leftover  # kept allocated so promised pins can be written on a full disk
+HEADROOM_BYTES = 1 << 20  # kept allocated so promised pins can be written on a full disk
+TEMP_GRACE_S = 600.0  # a temp file of a live pid untouched this long is a leftover
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -295,6 +295,7 @@ class Store:
         # access time and pin per obj row; kept apart so a hit allocates nothing
         self._pins: dict[tuple[str, ...], tuple[float, float]] = {}
         self._paths: dict[str, Path] = {}
+        self._checked: dict[tuple[str, ...], float] = {}  # last S3 check of a version row
         self._totals: list[int] | None = None  # [entries, bytes], counted on first use
         self._reserved = 0  # bytes of downloads in flight, counted against the limits
         self._recovery_lock = threading.Lock()
@@ -571,6 +572,8 @@ class Store:
         entry = rows.get(k) or (None if memory_only else self._get(k))
         if entry is None:
             return None
+        if version_id == "null":  # the one version that is re-checked: when S3 last vouched for it
+            checked_at = max(entry.fetched_at, self._checked.get(k, 0.0))
         sha = entry.sha256
         expected = rows.get(("blob", sha)) or (None if memory_only else self._get(("blob", sha)))
         if expected is None and memory_only:
@@ -623,8 +626,19 @@ class Store:
 
     # -- writes -----------------------------------------------------------------
 
-    def mark_checked(self, bucket: str, key: str, *, now: float | None = None) -> None:
-        """Record that S3 still holds what ``cur`` points at."""
+    def mark_checked(
+        self, bucket: str, key: str, version_id: str | None = None, *, now: float | None = None
+    ) -> None:
+        """Record that S3 still holds what ``cur`` (or the given version's row) points at.
+
+        For a version (only ``"null"`` is ever re-checked) the time is kept in
+        memory alone: after a restart it is checked once more, which is safe.
+        """
+        if version_id is not None:
+            self._checked[("obj", bucket, key, "v:" + version_id)] = (
+                time.time() if now is None else now
+            )
+            return
         cur = self._get(("cur", bucket, key))
         if cur is not None:
             self._set(("cur", bucket, key), (cur[0], time.time() if now is None else now))
