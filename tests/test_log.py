@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from assetd import log
+from assetd.log import redact_urls
 
 
 @pytest.fixture(autouse=True)
@@ -258,3 +259,18 @@ def test_logger_used_before_reconfigure_follows_it(slow_timer: None) -> None:
     logger.info("two")
     log.flush()
     assert ["two"] == [json.loads(line)["event"] for line in _lines(second)]
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("GET http://u:p@h:9/x failed", "GET http://***@h:9/x failed"),
+        ('{"d":"https://u:a/b@c@host/k"}', '{"d":"https://***@host/k"}'),
+        ('{"d":"http://u:a\\"b@host"}', '{"d":"http://***@host"}'),
+        ("s3://bucket/a@b.csv", "s3://bucket/a@b.csv"),
+        ("http://host/x", "http://host/x"),
+    ],
+)
+def test_redact_urls(line: str, expected: str) -> None:
+    """Log lines lose http(s) userinfo whatever the password holds; s3:// sources are kept."""
+    assert expected == redact_urls(line)
