@@ -212,7 +212,7 @@ def test_verify_json(tmp_path: Path, cache_dir: Path) -> None:
 def test_offline_maintenance_refuses_a_cache_another_process_owns(
     tmp_path: Path, cache_dir: Path, command: str
 ) -> None:
-    """With the cache locked and no daemon answering, gc/verify exit 4 with one line, touching nothing."""
+    """Cache locked, no daemon answering: gc/verify exit 4 with one line, touching nothing."""
     paths = _populate(cache_dir, 3)
     owner = Store(cache_dir, lock=True)
     try:
