@@ -354,9 +354,11 @@ def _via_daemon(cfg: Config, socket_path: str | None, op: str) -> dict[str, Any]
     path = socket_path or os.environ.get("ASSETD_SOCKET") or cfg.daemon.socket
     with _client(path, timeout=30) as client:
         try:
-            # verify reads every byte: no client-side deadline
-            reply = client.call({"op": op}, timeout=None if op == "gc" else 24 * 3600.0)
-        except DaemonUnreachable:
+            # recovery of a big cache, or verify reading every byte, takes long
+            reply = client.call({"op": op}, timeout=3600.0 if op == "gc" else 24 * 3600.0)
+        except DaemonUnreachable as exc:
+            if exc.denied:  # a daemon is there, but not for us: offline would be refused too
+                _unreachable(exc)
             return None
         except AssetError as exc:
             _fail(f"{exc.code}: {exc.message}", 1)
