@@ -667,7 +667,8 @@ class Daemon:
             try:
                 await self.loop.run_in_executor(None, self.service.store.flush)
             except Exception as exc:  # the store now refuses new pins until a flush succeeds
-                delay = self.background.failed("flush", exc)
+                # retried at least every 5 s: resolves are refused until it works
+                delay = min(5.0, self.background.failed("flush", exc))
             else:
                 self.background.ok("flush")
                 delay = FLUSH_EVERY_S

@@ -282,13 +282,18 @@ class Store:
         except OSError as exc:
             raise _disk_error(exc, f"create {self.root}") from exc
         self._lock_fd: int | None = self._take_lock() if lock else None
-        self._staging: set[Path] = set()  # temp files of this store's downloads in progress
-        self.removed_temps = self._clear_tmp(owner=lock)
-        self._headroom = self.root / "headroom"
-        self._headroom_ok = self._make_headroom()
-        # set while pins cannot be recorded: touch() raises it instead of pinning
-        self.pin_fault: AssetError | None = None
-        self.index = diskcache.Cache(str(self.root / "index"), eviction_policy="none")
+        try:
+            self._staging: set[Path] = set()  # temp files of this store's downloads in flight
+            self.removed_temps = self._clear_tmp(owner=lock)
+            self._headroom = self.root / "headroom"
+            self._headroom_ok = self._make_headroom()
+            # set while pins cannot be recorded: touch() raises it instead of pinning
+            self.pin_fault: AssetError | None = None
+            self.index = diskcache.Cache(str(self.root / "index"), eviction_policy="none")
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
         self._lock = threading.RLock()
         self._rows: dict[tuple[str, ...], Any] = {}
         self._dirty: set[tuple[str, ...]] = set()
