@@ -69,16 +69,32 @@ def test_destructive_pass_refused_beside_an_owner(owner: Store, root: Path, op: 
 def test_non_owner_recovery_cannot_delete_a_blob_the_owner_just_published(
     owner: Store, root: Path
 ) -> None:
-    """The issue 11 Why 5 race: rows loaded, then the owner commits; the blob must survive."""
+    """Issue 11 Why 5: gc's recovery listed blobs/ just after the daemon's commit and deleted it.
+
+    The owner commits exactly between the other store's reading of its rows
+    and its listing of blobs/; without the lock that blob is deleted.
+    """
     other = Store(root)
+    published: list[Path] = []
+    real = other._referenced
+
+    def referenced_then_owner_commits() -> set[str]:
+        seen = real()
+        if not published:
+            published.append(commit_bytes(owner, b"handed to a grader", pinned_until=FAR)[1])
+        return seen
+
+    other._referenced = referenced_then_owner_commits  # type: ignore[method-assign]
+    refused = False
     try:
-        other._load_all()  # what gc's recovery read before the daemon's commit
-        _entry, path = commit_bytes(owner, b"handed to a grader", pinned_until=FAR)
-        with pytest.raises(CacheLocked):
-            other.recover()
-        assert path.exists()
+        other.recover()
+    except CacheLocked:
+        refused = True
     finally:
         other.close()
+    if not published:
+        published.append(commit_bytes(owner, b"handed to a grader", pinned_until=FAR)[1])
+    assert (True, True) == (refused, published[0].exists())
 
 
 # -- quarantine -----------------------------------------------------------------------------------

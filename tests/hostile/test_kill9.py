@@ -45,6 +45,7 @@ def _rows_naming_bad_blobs(cache: Path) -> list[Any]:
     return bad
 
 
+@pytest.mark.timeout(scale(300, 1500))
 def test_kill_9_during_mixed_load(s3: Any, make_daemon: Factory) -> None:
     """Hundreds of kill -9 mid-download, mid-commit, mid-eviction: the cache stays exact."""
     kills_wanted = scale(30, 200)
