@@ -7,13 +7,16 @@ Layout under the cache dir (DESIGN.md "Cache")::
     quarantine/                     blobs whose bytes changed under us, kept for inspection
     index/                          diskcache (SQLite) rows
     lock                            flock held by the one process that owns the cache
+    headroom                        1 MiB kept allocated so pins can be written on a full disk
 
 Ownership: the daemon, and ``gc``/``verify`` when no daemon runs, open the
 store with ``lock=True``: an exclusive ``flock`` on ``lock`` for as long as
 the store is open, so two processes can never both act as the owner (a
-second one gets :class:`CacheLocked`). Only the owner empties ``tmp/`` on
-open; a store opened without the lock removes only temp files whose
-process is gone, so it never takes a live download's file.
+second one gets :class:`CacheLocked`). Temp files carry their process's
+pid; opening a store (and the daemon's housekeeping) removes only those of
+processes that are gone or that were not written to for ``TEMP_GRACE_S``,
+so it never takes a live download's file. Passes that delete files run
+only under the lock.
 
 Commit order, as in diskcache: write the blob under a unique temp name,
 fsync, rename into place, and only then write the index row. The row is
@@ -268,7 +271,9 @@ class Store:
     :meth:`flush` (the daemon calls it every second, and on exit). Every
     other write goes to the index at once. Several processes may share the
     cache: a row another process changes is re-read here only after a miss,
-    and the blob's stat fingerprint guards every hit either way.
+    and the blob's stat fingerprint guards every hit either way. Passes that
+    delete (recovery, eviction, verify) run only while holding the cache's
+    lock, so never beside another owner's downloads and pins.
     """
 
     def __init__(self, root: str | os.PathLike[str], *, lock: bool = False) -> None:
