@@ -162,3 +162,16 @@ def test_admin_check(
         d.prefetches.shutdown(wait=False)
         d.service.store.close()
         d.loop.close()
+
+
+def test_metrics_show_a_failing_background_task(daemon: Daemon) -> None:
+    """assetd_background_ok{task} is 0 while the task fails, 1 once it succeeds again."""
+    from prometheus_client import generate_latest
+
+    daemon.background.failed("flush", OSError("disk full"))
+    failing = generate_latest(daemon.export.registry).decode()
+    daemon.background.ok("flush")
+    ok = generate_latest(daemon.export.registry).decode()
+    assert 'assetd_background_ok{task="flush"} 0.0' in failing
+    assert 'assetd_background_ok{task="flush"} 1.0' in ok
+    assert 'assetd_background_failures_total{task="flush"} 1.0' in ok
