@@ -649,11 +649,9 @@ class Daemon:
 
     def _housekeeping(self) -> None:
         """Keep the cache within its limits even when other tenants fill the disk."""
-        store = self.service.store
+        store, cache = self.service.store, self.config.cache
         if store.recovered.is_set():
-            cache = self.config.cache
             store.evict(max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes)
-        cache = self.config.cache
         store.sweep_tmp()
         store.prune_quarantine(
             max_age_s=cache.quarantine_max_age_s, max_bytes=cache.quarantine_max_bytes
@@ -661,7 +659,9 @@ class Daemon:
 
     async def _flush_loop(self) -> None:
         """Pins to the index every second; eviction and the watcher's health every 30."""
-        ticks, delay = 0, FLUSH_EVERY_S
+        delay = FLUSH_EVERY_S
+        every = FLUSH_EVERY_S * EVICT_EVERY_TICKS  # on the clock: failing flushes back off
+        next_housekeeping = self.loop.time() + every
         while True:
             await asyncio.sleep(delay)
             try:
@@ -672,8 +672,8 @@ class Daemon:
             else:
                 self.background.ok("flush")
                 delay = FLUSH_EVERY_S
-            ticks += 1
-            if ticks % EVICT_EVERY_TICKS == 0:
+            if self.loop.time() >= next_housekeeping:
+                next_housekeeping = self.loop.time() + every
                 await self._background_step("housekeeping", self._housekeeping)
                 await self._background_step("watcher", self._check_watcher)
 
