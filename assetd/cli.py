@@ -351,7 +351,7 @@ EXIT_CACHE_BUSY = 4  # another process holds the cache and no daemon answered
 
 def _via_daemon(cfg: Config, socket_path: str | None, op: str) -> dict[str, Any] | None:
     """Run a maintenance op in the daemon that holds the cache; None if none answers."""
-    path = socket_path or os.environ.get("ASSETD_SOCKET") or cfg.daemon.socket
+    path = socket_path or cfg.daemon.socket  # the config's, with ASSETD_SOCKET applied
     with _client(path, timeout=30) as client:
         try:
             # recovery of a big cache, or verify reading every byte, takes long
@@ -368,7 +368,7 @@ def _via_daemon(cfg: Config, socket_path: str | None, op: str) -> dict[str, Any]
     return reply
 
 
-def _open_store(cfg: Config) -> Any:
+def _open_store(cfg: Config, socket_path: str | None) -> Any:
     """The cache, owned by this process (offline gc/verify); exits if another owns it."""
     from assetd.store import CacheLocked, Store
 
@@ -376,7 +376,8 @@ def _open_store(cfg: Config) -> Any:
         return Store(cfg.cache.dir, lock=True)
     except CacheLocked as exc:
         _fail(
-            f"assetd: {exc.strerror}, and no daemon answered on {cfg.daemon.socket}; "
+            f"assetd: {exc.strerror}, and no daemon answered on "
+            f"{socket_path or cfg.daemon.socket}; "
             "try again once it has stopped",
             EXIT_CACHE_BUSY,
         )
@@ -402,7 +403,7 @@ def gc(config_path: str | None, as_json: bool, socket_path: str | None) -> None:
         report = EvictionReport(**reply["eviction"])
         pruned = int(reply.get("quarantine_removed", 0))
     else:
-        store = _open_store(cfg)
+        store = _open_store(cfg, socket_path)
         try:
             recovery = store.recover()
             report = store.evict(
@@ -457,7 +458,7 @@ def verify(config_path: str | None, as_json: bool, socket_path: str | None) -> N
         fields = VerifyReport.__dataclass_fields__
         report = VerifyReport(**{k: v for k, v in reply.items() if k in fields})
     else:
-        store = _open_store(cfg)
+        store = _open_store(cfg, socket_path)
         try:
             report = store.verify()
         finally:
