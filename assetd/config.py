@@ -61,6 +61,8 @@ class DaemonConfig:
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
     workers: int = 8
+    admin_uids: tuple[int, ...] = ()
+    admin_gids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,8 @@ class CacheConfig:
     revalidate_after_s: float = 60.0
     serve_stale_on_error: bool = True
     negative_ttl_s: float = 10.0
+    quarantine_max_age_s: float = 7 * 86400.0
+    quarantine_max_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,6 +250,8 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "daemon.allowed_uids": _list(_int),
     "daemon.allowed_gids": _list(_int),
     "daemon.workers": lambda v: int(_positive(_int)(v)),
+    "daemon.admin_uids": _list(_int),
+    "daemon.admin_gids": _list(_int),
     "cache.dir": _text,
     "cache.max_bytes": _positive(parse_size),
     "cache.min_free_bytes": parse_size,
@@ -253,6 +259,8 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "cache.revalidate_after_s": _number,
     "cache.serve_stale_on_error": _bool,
     "cache.negative_ttl_s": _number,
+    "cache.quarantine_max_age_s": _number,
+    "cache.quarantine_max_bytes": parse_size,
     "s3.endpoint_url": _opt_text,
     "s3.region": _opt_text,
     "s3.addressing_style": _choice("auto", "path", "virtual"),

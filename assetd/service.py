@@ -39,6 +39,7 @@ __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
 log = get_logger("assetd.service")
 _COUNTER = {"hit": "hits", "miss": "misses", "coalesced": "coalesced", "stale": "stale"}
+NULL_VERSION = "null"  # S3's id for the unversioned slot of a key
 _NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
 
 
@@ -187,10 +188,9 @@ class AssetService:
 
     def _fresh(self, ask: _Ask, hit: Hit, now: float) -> bool:
         ask.policy.check_size(hit.entry.size)  # a limit lowered by reload applies to hits too
-        return (
-            ask.version_id is not None
-            or now - hit.checked_at < self.config.cache.revalidate_after_s
-        )
+        # "null" names the unversioned slot, which an overwrite replaces: not immutable
+        immutable = ask.version_id is not None and ask.version_id != NULL_VERSION
+        return immutable or now - hit.checked_at < self.config.cache.revalidate_after_s
 
     def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved | None:
         """The answer for ``entry``, pinned; None if it was evicted or quarantined meanwhile."""
@@ -232,8 +232,9 @@ class AssetService:
                 if self._fresh(ask, hit, time.time()):
                     return self._serve(ask, hit.entry, hit.path, "hit")
                 try:
+                    # a version_id here is the literal "null": the unversioned slot
                     changed = self.fetcher.revalidate(
-                        bucket, key, hit.entry.etag, deadline=deadline
+                        bucket, key, hit.entry.etag, deadline=deadline, version_id=ask.version_id
                     )
                 except TransientError:
                     if not self.config.cache.serve_stale_on_error:
@@ -244,7 +245,7 @@ class AssetService:
                 if changed is not None:
                     first.append(changed)
                 if changed is None or changed.meta.etag == hit.entry.etag:  # None: 304
-                    self.store.mark_checked(bucket, key)
+                    self.store.mark_checked(bucket, key, ask.version_id)
                     answer = self._serve(ask, hit.entry, hit.path, "hit")
                     if answer is not None:
                         return answer

@@ -127,6 +127,8 @@ socket_group = "graders"
 allowed_uids = [1000, 1001]
 allowed_gids = [50]
 workers = 3
+admin_uids = [1002]
+admin_gids = [51]
 
 [cache]
 dir = "/srv/cache"
@@ -136,6 +138,8 @@ pin_seconds = 120
 revalidate_after_s = 0
 serve_stale_on_error = false
 negative_ttl_s = 2.5
+quarantine_max_age_s = 60
+quarantine_max_bytes = "1MiB"
 
 [s3]
 endpoint_url = "http://127.0.0.1:9000"
@@ -177,6 +181,8 @@ def test_file_values(tmp_path: Path) -> None:
             allowed_uids=(1000, 1001),
             allowed_gids=(50,),
             workers=3,
+            admin_uids=(1002,),
+            admin_gids=(51,),
         )
         == cfg.daemon
     )
@@ -189,6 +195,8 @@ def test_file_values(tmp_path: Path) -> None:
             revalidate_after_s=0.0,
             serve_stale_on_error=False,
             negative_ttl_s=2.5,
+            quarantine_max_age_s=60.0,
+            quarantine_max_bytes=1 << 20,
         )
         == cfg.cache
     )

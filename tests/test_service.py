@@ -19,7 +19,7 @@ import pytest
 from assetd import errors
 from assetd.config import Config, load_config
 from assetd.fetcher.base import PartResponse
-from assetd.fetcher.memory import MemoryFetcher
+from assetd.fetcher.memory import MemoryFetcher, StoredObject
 from assetd.protocol import Resolved
 from assetd.service import AssetService
 from assetd.store import Hit, Store
@@ -663,3 +663,32 @@ def test_negative_cache_expires(make_env: Callable[..., Env]) -> None:
     env.fetcher.put(BUCKET, KEY, DATA)
     time.sleep(0.1)
     assert "miss" == env.service.resolve(SRC).cache
+
+
+def _put_null_version(fetcher: MemoryFetcher, data: bytes) -> None:
+    """What S3 does for a bucket with versioning suspended: the write replaces version "null"."""
+    obj = StoredObject(data=data, etag=f'"{hashlib.md5(data).hexdigest()}"', version_id="null")  # noqa: S324
+    fetcher.objects[(BUCKET, KEY)] = obj
+    fetcher.versions[(BUCKET, KEY, "null")] = obj
+
+
+def test_null_version_is_revalidated_after_an_overwrite(make_env: Callable[..., Env]) -> None:
+    """version_id "null" is overwritable: revalidated, never served stale (issue 11, Why 7)."""
+    env = make_env(cache={"revalidate_after_s": 0.0})
+    _put_null_version(env.fetcher, b"first contents")
+    first = env.service.resolve(SRC, version_id="null")
+    _put_null_version(env.fetcher, b"second contents")
+    second = env.service.resolve(SRC, version_id="null")
+    assert "miss" == second.cache
+    assert b"second contents" == second.path.read_bytes()
+    assert first.sha256 != second.sha256
+
+
+def test_null_version_hit_within_revalidate_after_s(make_env: Callable[..., Env]) -> None:
+    """An unchanged "null" version is re-checked once per revalidate_after_s, like no version."""
+    env = make_env(cache={"revalidate_after_s": 3600.0})
+    _put_null_version(env.fetcher, b"contents")
+    env.service.resolve(SRC, version_id="null")
+    heads = env.fetcher.requests["head"]
+    assert "hit" == env.service.resolve(SRC, version_id="null").cache
+    assert heads == env.fetcher.requests["head"]

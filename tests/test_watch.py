@@ -204,3 +204,29 @@ def test_no_config_path_watches_blobs_only(store: Store, reloads: Reloads) -> No
         assert 0 == reloads.count
     finally:
         watcher.stop()
+
+
+def test_reading_a_blob_generates_no_watcher_callbacks(
+    store: Store, start_watcher: Callable[[], Watcher]
+) -> None:
+    """open()/read() loops on a blob reach the watcher's handler 0 times (issue 11, Why 6)."""
+    sha = _commit(store, b"student data" * 100)
+    watcher = start_watcher()
+    time.sleep(0.2)  # the commit's own events, if any, arrive before we count
+    before = watcher.blob_handler.events
+    for _ in range(500):
+        with open(store.blob_path(sha), "rb") as f:
+            f.read()
+    time.sleep(QUIET)
+    assert 0 == watcher.blob_handler.events - before
+
+
+def test_a_chmod_still_reaches_the_watcher(
+    store: Store, start_watcher: Callable[[], Watcher]
+) -> None:
+    """Filtering reads keeps attribute changes: a chmod on a blob is checked and quarantined."""
+    sha = _commit(store, b"chmod me")
+    start_watcher()
+    time.sleep(0.2)
+    os.chmod(store.blob_path(sha), 0o644)  # changes ctime: the fingerprint no longer matches
+    assert _wait_for(lambda: not store.blob_path(sha).exists())

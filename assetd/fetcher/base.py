@@ -376,7 +376,7 @@ class Fetcher(ABC):
         return self._retrying(lambda: self._head(bucket, key, version_id, deadline), deadline)
 
     def revalidate(
-        self, bucket: str, key: str, etag: str, *, deadline: float
+        self, bucket: str, key: str, etag: str, *, deadline: float, version_id: str | None = None
     ) -> PartResponse | None:
         """None if the object still has ``etag`` (one 304); else the new first part, open.
 
@@ -386,7 +386,7 @@ class Fetcher(ABC):
         try:
             return self._retrying(
                 lambda: self._get(
-                    bucket, key, None, start=0, end=self.part_size, deadline=deadline,
+                    bucket, key, version_id, start=0, end=self.part_size, deadline=deadline,
                     if_none_match=etag,
                 ),
                 deadline,

@@ -208,3 +208,22 @@ def test_empty_object_is_fetched(seaweedfs: SeaweedFS, bucket: Any, tmp_path: Pa
         res.sha256,
         res.path.read_bytes(),
     )
+
+
+def test_check_cli_beside_an_owner_uses_a_scratch_cache(
+    seaweedfs: SeaweedFS, bucket: Any, tmp_path: Path
+) -> None:
+    """`assetd check` while a daemon owns the cache fetches into a scratch dir, not the cache."""
+    from assetd.store import Store
+
+    body = b"name,rating\nScratch,5\n"
+    bucket.put_object(Bucket=BUCKET, Key="datasets/tp2/S.CSV", Body=body)
+    owner = Store(tmp_path / "cache", lock=True)
+    try:
+        proc = _check(seaweedfs, tmp_path, f"s3://{BUCKET}/datasets/tp2/S.CSV", READER_KEY)
+        blobs = list((tmp_path / "cache" / "blobs" / "sha256").glob("*/*"))
+    finally:
+        owner.close()
+    assert 0 == proc.returncode, proc.stderr
+    report = json.loads(proc.stdout)
+    assert ("scratch", "miss", []) == (report["cache"], report["result"]["cache"], blobs)
