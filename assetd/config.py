@@ -61,6 +61,11 @@ class DaemonConfig:
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
     workers: int = 8
+    max_connections: int = 1024
+    max_pipelined: int = 32
+    max_unsent_bytes: int = 256 * 1024
+    idle_timeout_s: float = 60.0
+    line_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +108,7 @@ class LogConfig:
 class MetricsConfig:
     listen: str | None = None
     textfile: str | None = None
+    socket: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +240,11 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "daemon.allowed_uids": _list(_int),
     "daemon.allowed_gids": _list(_int),
     "daemon.workers": lambda v: int(_positive(_int)(v)),
+    "daemon.max_connections": lambda v: int(_positive(_int)(v)),
+    "daemon.max_pipelined": lambda v: int(_positive(_int)(v)),
+    "daemon.max_unsent_bytes": lambda v: int(_positive(parse_size)(v)),
+    "daemon.idle_timeout_s": _positive(_number),
+    "daemon.line_timeout_s": _positive(_number),
     "cache.dir": _text,
     "cache.max_bytes": _positive(parse_size),
     "cache.min_free_bytes": parse_size,
@@ -256,6 +267,7 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "log.level": _choice("debug", "info", "warning", "error"),
     "metrics.listen": _opt_text,
     "metrics.textfile": _opt_text,
+    "metrics.socket": _opt_text,
 }
 
 # DESIGN.md's env overrides: variable -> key.
