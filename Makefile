@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := systemd bubblewrap
 APT_COMMANDS := systemd-analyze bwrap
 
-.PHONY: all venv sysdeps test lint unit integration demo bench clean
+.PHONY: all venv sysdeps test lint unit integration hostile demo bench clean
 
 all: test
 
@@ -41,6 +41,10 @@ unit: $(STAMP)
 
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
+
+# The hostile suite at full size, printing its figures (make test runs its short profile).
+hostile: $(STAMP) sysdeps
+	ASSETD_HOSTILE_PROFILE=$${ASSETD_HOSTILE_PROFILE:-full} $(BIN)/pytest -q -s tests/hostile
 
 demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
