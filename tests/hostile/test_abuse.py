@@ -12,6 +12,7 @@ import socket
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -28,6 +29,7 @@ from tests.hostile.conftest import (
     scale,
 )
 from tests.support.daemon import DaemonProcess
+from tests.support.faultproxy import FaultProxy
 
 pytestmark = pytest.mark.integration
 HOT = f"s3://{BUCKET}/{HOT_KEYS[0]}"
@@ -338,3 +340,22 @@ def test_metrics_flood_starts_no_threads(make_daemon: Factory, short_tmp: Path) 
     assert (True, True) == (miss["ok"], stats["ok"])
     assert body.startswith(b"HTTP/1.1 200 ")
     assert b"assetd_cache_entries" in body
+
+
+def test_prefetch_resolves_four_entries_at_a_time(make_daemon: Factory, seaweedfs: Any) -> None:
+    """12 cold entries whose HEAD stalls 0.5 s take 3 rounds: one prefetch sends 4 HEADs at once."""
+    proxy = FaultProxy(seaweedfs.ports["s3"]).start()
+    try:
+        proxy.add(method="HEAD", stall=0.5)
+        d = make_daemon(endpoint=proxy.url)
+        sources = [f"s3://{BUCKET}/hostile/absent-{i}.csv" for i in range(12)]
+        started = time.monotonic()
+        answer = d.request({"op": "prefetch", "sources": sources}, timeout=60)
+        took = time.monotonic() - started
+        heads = proxy.counts["HEAD"]
+    finally:
+        proxy.stop()
+    print(f"\nprefetch of 12 stalled HEADs: {took:.2f}s")
+    assert ["not_found"] * 12 == [r["error"]["code"] for r in answer["results"]]
+    assert 12 == heads
+    assert took >= 1.45  # 12 / 4 rounds of 0.5 s; unbounded it is one round
