@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from assetd import AssetdClient
 from tests.hostile.conftest import (
     BUCKET,
     HOT_KEYS,
@@ -46,7 +47,9 @@ def _log_size(d: DaemonProcess) -> int:
 
 
 def _warm(d: DaemonProcess) -> None:
+    """HOT cached, and the hit path run a while: the unloaded p99 is not a cold start."""
     assert "miss" == d.request({"op": "resolve", "source": HOT})["cache"]
+    hit_latencies(d.socket_path, HOT, 500)
 
 
 def _connect(path: str, timeout: float = 10) -> socket.socket:
@@ -359,3 +362,13 @@ def test_prefetch_resolves_four_entries_at_a_time(make_daemon: Factory, seaweedf
     assert ["not_found"] * 12 == [r["error"]["code"] for r in answer["results"]]
     assert 12 == heads
     assert took >= 1.45  # 12 / 4 rounds of 0.5 s; unbounded it is one round
+
+
+def test_client_reconnects_after_idle_close(make_daemon: Factory) -> None:
+    """AssetdClient keeps working across the daemon closing its idle connection."""
+    d = make_daemon(daemon={"idle_timeout_s": 1})
+    with AssetdClient(d.socket_path, timeout=10) as client:
+        first = client.ping()
+        time.sleep(2.5)  # the daemon closes the kept connection meanwhile
+        second = client.ping()
+    assert ("0.1.0", "0.1.0") == (first, second)

@@ -157,3 +157,35 @@ def test_tcp_socket_from_activation_is_one_line_and_exit_2(
     assert str(info.value).startswith("daemon exited 2:")
     assert ["assetd: cannot start: "] == [line[:22] for line in lines]
     assert "not a Unix stream socket" in lines[0]
+
+
+_SCRAPE = (
+    "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+    "s.sendall(b'GET /metrics HTTP/1.0\\r\\n\\r\\n'); d=b''\n"
+    "while c := s.recv(65536): d += c\n"
+    "print(d.decode().splitlines()[0])"
+)
+
+
+def test_metrics_socket_is_gated_like_the_main_socket(
+    make_daemon: Factory, short_tmp: Path
+) -> None:
+    """metrics.socket serves an allowed peer (root) and answers 403 to another uid (nobody)."""
+    path = str(short_tmp / "metrics.sock")
+    d = make_daemon(daemon={"allowed_uids": [0], "socket_mode": "0666"}, metrics={"socket": path})
+    lines = []
+    for user in (0, 65534):
+        proc = subprocess.run(
+            [OTHER_UID_PYTHON, "-c", _SCRAPE, path],
+            user=user,
+            group=user,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=clean_env(),
+            check=False,
+        )
+        lines.append(proc.stdout.strip() or proc.stderr)
+    d.stop()
+    assert ["HTTP/1.1 200 OK", "HTTP/1.1 403 Forbidden"] == lines
+    assert not Path(path).exists()  # removed at stop, like the main socket
