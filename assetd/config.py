@@ -62,8 +62,8 @@ class DaemonConfig:
     allowed_gids: tuple[int, ...] = ()
     workers: int = 8
     max_connections: int = 1024
-    max_pipelined: int = 32
-    max_unsent_bytes: int = 256 * 1024
+    max_pipelined: int = 16
+    max_unsent_bytes: int = 64 * 1024
     idle_timeout_s: float = 60.0
     line_timeout_s: float = 10.0
 
