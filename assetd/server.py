@@ -669,12 +669,13 @@ class Daemon:
         self._stop = asyncio.Event()
         self._raise_fd_limit()
         sock = self._listen()
+        # metrics first: once the socket answers, everything it promises is up
+        await self.export.serve(self._metrics_socket(), self.admit)
         server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.export.start()
-        await self.export.serve(self._metrics_socket(), self.admit)
         watcher = Watcher(
             self.service.store,
             self.config.path,
