@@ -22,8 +22,8 @@ from tests.hostile.conftest import (
     HOT_KEYS,
     Factory,
     hit_latencies,
+    measured_p99,
     open_fds,
-    p99,
     proc_status,
     raise_fd_limit,
     rss_mib,
@@ -153,7 +153,7 @@ def test_non_reading_clients_leave_others_p99(make_daemon: Factory) -> None:
     _warm(d)
     pid = _pid(d)
     n = scale(2000, 10_000)
-    unloaded = p99(hit_latencies(d.socket_path, HOT, n))
+    unloaded = measured_p99(d.socket_path, HOT, n)
     stop = threading.Event()
     clients = scale(20, 100)
     flooders = [
@@ -167,7 +167,7 @@ def test_non_reading_clients_leave_others_p99(make_daemon: Factory) -> None:
         t.start()
     time.sleep(1.0)
     try:
-        loaded = p99(hit_latencies(d.socket_path, HOT, n))
+        loaded = measured_p99(d.socket_path, HOT, n)
         rss_during = rss_mib(pid)
     finally:
         stop.set()
@@ -290,14 +290,14 @@ def test_idle_connections_cost_little_and_leave_p99(make_daemon: Factory) -> Non
     _warm(d)
     pid = _pid(d)
     n = scale(2000, 10_000)
-    unloaded = p99(hit_latencies(d.socket_path, HOT, n))
+    unloaded = measured_p99(d.socket_path, HOT, n)
     rss_before, fds_before = rss_mib(pid), open_fds(pid)
     idle = [_connect(d.socket_path) for _ in range(2000)]
     try:
         time.sleep(0.5)
         held = d.request({"op": "stats"})["connections"]
         rss_held, fds_held = rss_mib(pid), open_fds(pid)
-        loaded = p99(hit_latencies(d.socket_path, HOT, n))
+        loaded = measured_p99(d.socket_path, HOT, n)
     finally:
         for sock in idle:
             sock.close()
