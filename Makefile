@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/cold_fetch.py
 	$(BIN)/python bench/hit_latency.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/socket_limits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
