@@ -354,7 +354,7 @@ def test_metrics_flood_starts_no_thread_and_is_capped() -> None:
         for sock in socks:
             sock.close()
         served.close()
-    assert (before, PrometheusExport.MAX_CONNECTIONS) == (threads, held)
+    assert (True, PrometheusExport.MAX_CONNECTIONS) == (threads <= before, held)
     assert 300 - PrometheusExport.MAX_CONNECTIONS == export.refused
 
 
