@@ -372,3 +372,27 @@ def test_client_reconnects_after_idle_close(make_daemon: Factory) -> None:
         time.sleep(2.5)  # the daemon closes the kept connection meanwhile
         second = client.ping()
     assert ("0.1.0", "0.1.0") == (first, second)
+
+
+def test_client_that_stops_reading_is_closed_after_idle_timeout(make_daemon: Factory) -> None:
+    """A connection whose unread answers stay above the bound for idle_timeout_s is closed."""
+    d = make_daemon(daemon={"idle_timeout_s": 1})
+    _warm(d)
+    line = json.dumps({"op": "resolve", "source": HOT}).encode() + b"\n"
+    sock = _connect(d.socket_path)
+    sock.settimeout(0.2)
+    started = time.monotonic()
+    closed_after = None
+    while time.monotonic() - started < 15:
+        try:
+            sock.send(line * 500)
+        except TimeoutError:
+            continue  # paused: keep pushing, never read
+        except OSError:  # EPIPE / ECONNRESET: the daemon closed us
+            closed_after = time.monotonic() - started
+            break
+    sock.close()
+    print(f"\nnon-reading client closed after {closed_after}s")
+    assert closed_after is not None
+    assert closed_after < 6
+    assert d.request({"op": "ping"})["ok"]
