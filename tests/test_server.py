@@ -19,10 +19,21 @@ from assetd.config import Config, DaemonConfig
 
 
 def test_peer_groups_are_the_kernels_record() -> None:
-    """SO_PEERGROUPS on a socketpair gives this process's own supplementary groups."""
-    left, right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    with left, right:
-        assert frozenset(os.getgroups()) == server.peer_groups(left)
+    """SO_PEERGROUPS on a socketpair made with groups 4242, 4343 gives exactly those (as root)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child takes the groups, so this process keeps its own
+        try:
+            os.setgroups([4242, 4343])
+            left, _right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            os.write(write_fd, repr(sorted(server.peer_groups(left))).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as reader:
+        seen = reader.read()
+    os.waitpid(pid, 0)
+    assert "[4242, 4343]" == seen
 
 
 def test_peer_groups_of_a_non_unix_socket_is_empty() -> None:
