@@ -314,6 +314,8 @@ class _Connection(asyncio.Protocol):
 
     def _drain(self) -> None:
         transport = self.transport
+        if self.owed and self.owed[0].done():
+            self.last_active = self.daemon.loop.time()  # idle counts from the last answer too
         while self.owed and self.owed[0].done():
             future = self.owed.popleft()
             if transport is not None and not transport.is_closing() and not future.cancelled():

@@ -398,3 +398,23 @@ def test_client_that_stops_reading_is_closed_after_idle_timeout(make_daemon: Fac
     assert closed_after is not None
     assert closed_after < 6
     assert d.request({"op": "ping"})["ok"]
+
+
+def test_idle_counts_from_the_last_answer(make_daemon: Factory, seaweedfs: Any) -> None:
+    """A request answered after idle_timeout_s leaves its connection open for the next one."""
+    proxy = FaultProxy(seaweedfs.ports["s3"]).start()
+    try:
+        proxy.add(method="HEAD", stall=4.0)  # the answer comes after the 2 s idle timeout
+        d = make_daemon(endpoint=proxy.url, daemon={"idle_timeout_s": 2})
+        sock = _connect(d.socket_path, timeout=20)
+        reader = sock.makefile("rb")
+        sock.sendall(json.dumps({"op": "resolve", "source": HOT}).encode() + b"\n")
+        first = json.loads(reader.readline())
+        time.sleep(1.2)  # a sweep (every 1 s) ran: idle since the request, not since the answer
+        sock.sendall(b'{"op":"ping"}\n')
+        second = reader.readline()
+        sock.close()
+    finally:
+        proxy.stop()
+    assert (True, "miss") == (first["ok"], first["cache"])
+    assert True is json.loads(second)["ok"]
