@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := systemd bubblewrap docker.io busybox-static
 APT_COMMANDS := systemd-analyze bwrap dockerd busybox
 
-.PHONY: all venv sysdeps test lint unit integration demo bench clean
+.PHONY: all venv sysdeps test lint unit integration hostile demo bench clean
 
 all: test
 
@@ -43,6 +43,10 @@ unit: $(STAMP)
 integration: $(STAMP)
 	$(BIN)/pytest -q tests/integration
 
+# The hostile suite at full size, printing its figures (make test runs its short profile).
+hostile: $(STAMP) sysdeps
+	ASSETD_HOSTILE_PROFILE=$${ASSETD_HOSTILE_PROFILE:-full} $(BIN)/pytest -q -s tests/hostile
+
 demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
 
@@ -51,6 +55,7 @@ bench: $(STAMP) sysdeps
 	$(BIN)/python bench/hit_latency.py
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/inject.py
+	$(BIN)/python bench/socket_limits.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -63,6 +63,11 @@ class DaemonConfig:
     workers: int = 8
     admin_uids: tuple[int, ...] = ()
     admin_gids: tuple[int, ...] = ()
+    max_connections: int = 1024
+    max_pipelined: int = 16
+    max_unsent_bytes: int = 64 * 1024
+    idle_timeout_s: float = 60.0
+    line_timeout_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +114,7 @@ class LogConfig:
 class MetricsConfig:
     listen: str | None = None
     textfile: str | None = None
+    socket: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +258,11 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "daemon.workers": lambda v: int(_positive(_int)(v)),
     "daemon.admin_uids": _list(_int),
     "daemon.admin_gids": _list(_int),
+    "daemon.max_connections": lambda v: int(_positive(_int)(v)),
+    "daemon.max_pipelined": lambda v: int(_positive(_int)(v)),
+    "daemon.max_unsent_bytes": lambda v: int(_positive(parse_size)(v)),
+    "daemon.idle_timeout_s": _positive(_number),
+    "daemon.line_timeout_s": _positive(_number),
     "cache.dir": _text,
     "cache.max_bytes": _positive(parse_size),
     "cache.min_free_bytes": parse_size,
@@ -278,6 +289,7 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "log.level": _choice("debug", "info", "warning", "error"),
     "metrics.listen": _opt_text,
     "metrics.textfile": _opt_text,
+    "metrics.socket": _opt_text,
 }
 
 # DESIGN.md's env overrides: variable -> key.

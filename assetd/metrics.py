@@ -2,20 +2,33 @@
 
 One source of truth: the service's counters, the store's totals and the
 histograms kept here feed both ``stats`` and the Prometheus exposition, which
-is off by default and served only on a loopback port or written to a
-textfile (``[metrics] listen`` / ``textfile``).
+is off by default and served only on a loopback port, on a Unix socket
+gated like the daemon's, or written to a textfile (``[metrics] listen`` /
+``socket`` / ``textfile``).
+
+``/metrics`` is served by the daemon's event loop, never a thread per
+connection: at most ``MAX_CONNECTIONS`` at once (more are closed at once),
+each closed after ``TIMEOUT_S``, and the text rendered at most once per
+``CACHE_S`` however many scrapers ask.
 """
 
 from __future__ import annotations
 
+import asyncio
 import bisect
 import ipaddress
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, start_http_server, write_to_textfile
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    generate_latest,
+    write_to_textfile,
+)
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -177,10 +190,77 @@ def _loopback(listen: str) -> tuple[str, int]:
     return host, number
 
 
+class _Scrape(asyncio.Protocol):
+    """One HTTP/1.x request for /metrics, answered and closed; no keep-alive."""
+
+    def __init__(self, export: PrometheusExport, admit: Callable[[socket.socket], bool]) -> None:
+        self.export = export
+        self.admit = admit
+        self.buf = bytearray()
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.allowed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        stream: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport = stream
+        export = self.export
+        if export.open >= export.MAX_CONNECTIONS:
+            export.refused += 1
+            stream.abort()  # no work at all for a flood: the scraper retries next interval
+            return
+        export.open += 1
+        self.timer = asyncio.get_running_loop().call_later(export.TIMEOUT_S, stream.abort)
+        self.allowed = self.admit(stream.get_extra_info("socket"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+            self.export.open -= 1
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.buf += data
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            end = self.buf.find(b"\n\n")
+        if end < 0:
+            if len(self.buf) > 8192:
+                self._reply(b"431 Request Header Fields Too Large", b"")
+            return
+        parts = bytes(self.buf[: self.buf.find(b"\n")]).split()
+        method = parts[0] if parts else b""
+        path = parts[1].split(b"?")[0] if len(parts) > 1 else b""
+        if not self.allowed:
+            self._reply(b"403 Forbidden", b"forbidden\n")
+        elif method not in (b"GET", b"HEAD"):
+            self._reply(b"405 Method Not Allowed", b"")
+        elif path not in (b"/metrics", b"/"):
+            self._reply(b"404 Not Found", b"")
+        else:
+            body = self.export.render()
+            self._reply(b"200 OK", b"" if method == b"HEAD" else body, len(body))
+
+    def _reply(self, status: bytes, body: bytes, length: int | None = None) -> None:
+        assert self.transport is not None
+        head = (
+            b"HTTP/1.1 " + status + b"\r\nContent-Type: " + CONTENT_TYPE_LATEST.encode()
+            + b"\r\nContent-Length: " + str(len(body) if length is None else length).encode()
+            + b"\r\nConnection: close\r\n\r\n"
+        )  # fmt: skip
+        self.transport.write(head + body)
+        self.transport.close()
+
+
 class PrometheusExport:
     """Serve or write the Prometheus text exposition; off unless configured."""
 
     TEXTFILE_EVERY_S = 15.0
+    MAX_CONNECTIONS = 16
+    TIMEOUT_S = 5.0
+    CACHE_S = 1.0
 
     def __init__(
         self,
@@ -194,14 +274,44 @@ class PrometheusExport:
         self.registry.register(_Collector(stats, metrics))
         self.listen = _loopback(listen) if listen else None
         self.textfile = textfile
+        self.open = 0  # scrape connections open now
+        self.refused = 0  # scrape connections closed at once: MAX_CONNECTIONS were open
+        self._rendered: tuple[float, bytes] = (-1e18, b"")
         self._stop = threading.Event()
-        self._server: Any = None
+        self._servers: list[asyncio.AbstractServer] = []
+
+    def render(self) -> bytes:
+        """The exposition, rendered at most once per CACHE_S."""
+        now = time.monotonic()
+        if now - self._rendered[0] >= self.CACHE_S:
+            self._rendered = (now, generate_latest(self.registry))
+        return self._rendered[1]
+
+    async def serve(
+        self,
+        unix_sock: socket.socket | None = None,
+        admit: Callable[[socket.socket], bool] = lambda _sock: True,
+    ) -> None:
+        """Serve /metrics from the running loop: on ``listen``, and on ``unix_sock`` if given.
+
+        ``admit`` gates the Unix socket's peers as the daemon's own socket is
+        gated; the loopback port admits anyone on the host.
+        """
+        loop = asyncio.get_running_loop()
+        if self.listen is not None:
+            host, port = self.listen
+            self._servers.append(
+                await loop.create_server(
+                    lambda: _Scrape(self, lambda _sock: True), host, port, backlog=64
+                )
+            )
+        if unix_sock is not None:
+            self._servers.append(
+                await loop.create_unix_server(lambda: _Scrape(self, admit), sock=unix_sock)
+            )
 
     def start(self) -> None:
-        if self.listen is not None:
-            self._server, _ = start_http_server(
-                self.listen[1], addr=self.listen[0], registry=self.registry
-            )
+        """Start the textfile writer (the endpoints start with :meth:`serve`)."""
         if self.textfile:
             threading.Thread(target=self._write_loop, name="assetd-metrics", daemon=True).start()
 
@@ -213,9 +323,12 @@ class PrometheusExport:
         while not self._stop.wait(self.TEXTFILE_EVERY_S):
             self.write_textfile()
 
+    def close_servers(self) -> None:
+        """Stop serving /metrics; call on the loop."""
+        for server in self._servers:
+            server.close()
+        self._servers.clear()
+
     def stop(self) -> None:
         self._stop.set()
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
         self.write_textfile()

@@ -18,7 +18,10 @@ from typing import Any, Literal
 from assetd.errors import AssetError, BadRequest
 
 __all__ = [
+    "MAX_JOB",
     "MAX_LINE",
+    "MAX_PREFETCH",
+    "MAX_TIMEOUT_S",
     "OPS",
     "PrefetchItem",
     "Request",
@@ -32,7 +35,9 @@ __all__ = [
 
 MAX_LINE = 64 * 1024
 OPS = ("ping", "resolve", "prefetch", "stats", "gc", "verify")
-MAX_PREFETCH = 10_000
+MAX_PREFETCH = 1000  # entries in one prefetch request
+MAX_TIMEOUT_S = 3600.0  # longest timeout_s a request may ask for
+MAX_JOB = 256  # characters in a job label
 
 RequestId = str | int | None
 CacheStatus = Literal["hit", "miss", "coalesced", "stale"]
@@ -110,14 +115,26 @@ def _timeout(obj: dict[str, Any]) -> float | None:
     value = obj.get("timeout_s")
     if value is None:
         return None
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise BadRequest("field 'timeout_s' must be a positive number")
-    return float(value)
+    try:
+        # an int beyond float range (10**400) overflows here: the same answer
+        number = float(value) if isinstance(value, int | float) else math.nan
+    except OverflowError:
+        number = math.nan
+    if isinstance(value, bool) or not 0 < number <= MAX_TIMEOUT_S:  # NaN fails too
+        raise BadRequest(
+            f"field 'timeout_s' must be a number above 0 and at most {MAX_TIMEOUT_S:g}"
+        )
+    return number
+
+
+def _job(obj: dict[str, Any]) -> str | None:
+    """The caller's label, printable: it goes into the log line of every resolve."""
+    job = _opt_str(obj, "job")
+    if job is None:
+        return None
+    if len(job) > MAX_JOB:
+        raise BadRequest(f"field 'job' is longer than {MAX_JOB} characters")
+    return "".join(c if c.isprintable() else "?" for c in job)
 
 
 def _request_id(obj: dict[str, Any]) -> RequestId:
@@ -174,18 +191,17 @@ def decode_request(line: bytes) -> Request:
     if not isinstance(op, str):
         raise BadRequest("field 'op' is required and must be a string")
     if op == "resolve":
-        job = _opt_str(obj, "job")
         return Request(
             op,
             rid,
             source=_source(obj),
             version_id=_opt_str(obj, "version_id"),
             timeout_s=_timeout(obj),
-            job=job,
+            job=_job(obj),
         )
     if op == "prefetch":
         return Request(
-            op, rid, sources=_prefetch_items(obj), timeout_s=_timeout(obj), job=_opt_str(obj, "job")
+            op, rid, sources=_prefetch_items(obj), timeout_s=_timeout(obj), job=_job(obj)
         )
     if op in OPS:
         return Request(op, rid)

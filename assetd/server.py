@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import resource
 import signal
 import socket
 import stat
@@ -25,14 +27,22 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 from assetd import __version__, systemd
 from assetd.background import Background
 from assetd.config import Config, load_config
-from assetd.errors import AssetError, BadRequest, ConfigError, Forbidden, InternalError, Timeout
+from assetd.errors import (
+    AssetError,
+    BadRequest,
+    ConfigError,
+    Forbidden,
+    InternalError,
+    Timeout,
+    Unavailable,
+)
 from assetd.log import flush as flush_logs
 from assetd.log import get_logger
 from assetd.metrics import Metrics, PrometheusExport
@@ -55,9 +65,10 @@ __all__ = ["Daemon", "bind_socket"]
 log = get_logger("assetd.server")
 _PEERCRED = struct.Struct("3i")
 MAINTENANCE_OPS = frozenset({"gc", "verify"})
-_MAX_PIPELINED = 64  # answers owed on one connection before we stop reading it
 FLUSH_EVERY_S = 1.0
 EVICT_EVERY_TICKS = 30  # flushes between checks of the limits outside a fetch
+PREFETCH_CONCURRENCY = 4  # entries of one prefetch request resolved at once
+EXPIRE_EVERY_S = 1.0  # how often idle and slow connections are looked for
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -107,19 +118,64 @@ def bind_socket(path: str, mode: int, group: str | None) -> socket.socket:
     return sock
 
 
-def _peer_groups(pid: int) -> set[int]:
-    """Supplementary groups of the peer process, best effort."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Groups:"):
-                    return {int(g) for g in line.split()[1:]}
-    except (OSError, ValueError):
-        pass
-    return set()
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+_GID = struct.Struct("=I")
+
+
+def peer_groups(sock: socket.socket) -> frozenset[int]:
+    """The peer's supplementary groups, from the kernel as they were at connect.
+
+    Never from /proc/<pid>: by the time we read it the pid may name another
+    process. An empty set when the kernel cannot tell (then only uid and
+    primary gid count).
+    """
+    for size in (256, 65536):  # NGROUPS_MAX is 65536; few peers have more than 256
+        try:
+            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * _GID.size)
+        except OSError as exc:
+            if exc.errno == errno.ERANGE:
+                continue
+            return frozenset()
+        return frozenset(g for (g,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
+    return frozenset()
+
+
+class _Throttled:
+    """A warning that a flood of peers could repeat: at most one line per interval.
+
+    The lines left out are counted and reported with the next one, so a
+    client that opens connections in a loop cannot grow the log without bound.
+    """
+
+    def __init__(self, event: str, every_s: float = 10.0) -> None:
+        self.event = event
+        self.every_s = every_s
+        self.next_at = 0.0
+        self.suppressed = 0
+
+    def warn(self, **fields: Any) -> None:
+        now = time.monotonic()
+        if now < self.next_at:
+            self.suppressed += 1
+            return
+        self.next_at = now + self.every_s
+        if self.suppressed:
+            fields["suppressed"] = self.suppressed
+            self.suppressed = 0
+        log.warning(self.event, **fields)
 
 
 class _Connection(asyncio.Protocol):
+    """One client. Reading stops while the client owes us a read.
+
+    Two things stop reading, and both are needed: ``max_pipelined`` answers
+    owed (requests waiting on a worker, and the hits queued behind them),
+    and more than ``max_unsent_bytes`` written but not yet taken by the
+    client (asyncio's ``pause_writing``). A client that never reads thus
+    costs at most a line, its owed answers and the unsent bytes, and no
+    more requests are handled (or logged) for it until it reads.
+    """
+
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
         self.buf = bytearray()
@@ -127,14 +183,27 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.allowed = True
         self.peer = (0, -1, -1)  # pid, uid, gid from SO_PEERCRED
+        self.groups: Callable[[], frozenset[int]] = frozenset
         self.closing = False
-        self.paused = False
+        self.reading = True  # False while we paused the transport
+        self.write_paused = False  # the transport's buffer is above max_unsent_bytes
+        self.write_paused_at = 0.0
+        self.last_active = daemon.loop.time()
+        self.line_started: float | None = None  # first byte of an unfinished line
 
     # -- transport callbacks ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        self.daemon.connections.add(self)
+        stream: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
+        self.transport = stream
+        daemon = self.daemon
+        if len(daemon.connections) >= daemon.config.daemon.max_connections:
+            daemon.refuse_over_limit(stream)
+            self.closing = True
+            return
+        daemon.connections.add(self)
+        limit = daemon.config.daemon.max_unsent_bytes
+        stream.set_write_buffer_limits(high=limit, low=limit // 4)
         sock = transport.get_extra_info("socket")
         try:
             pid, uid, gid = _PEERCRED.unpack(
@@ -143,27 +212,60 @@ class _Connection(asyncio.Protocol):
         except OSError:
             pid, uid, gid = 0, -1, -1
         self.peer = (pid, uid, gid)
-        self.allowed = self.daemon.peer_allowed(pid, uid, gid)
+        self.groups = lambda: peer_groups(sock)
+        self.allowed = daemon.peer_allowed(uid, gid, self.groups)
         if not self.allowed:
-            log.warning("peer refused", pid=pid, uid=uid, gid=gid)
+            daemon.refused_peer.warn(pid=pid, uid=uid, gid=gid)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.daemon.connections.discard(self)
         self.closing = True
 
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        self.write_paused_at = self.daemon.loop.time()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self._pump()
+
     def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        self.last_active = self.daemon.loop.time()
         self.buf += data
+        self._pump()
+
+    def eof_received(self) -> bool:
+        # half-close: answer what was already asked, then close (in _drain)
+        self.closing = True
+        self._drain()
+        return True
+
+    def _pump(self) -> None:
+        """Handle the buffered lines while the client keeps up; pause reading when it does not."""
+        transport = self.transport
+        if transport is None:
+            return
+        limit = self.daemon.config.daemon.max_pipelined
         while not self.closing:
+            if self.write_paused or len(self.owed) >= limit:
+                if self.reading and not transport.is_closing():
+                    transport.pause_reading()
+                    self.reading = False
+                return
             nl = self.buf.find(b"\n")
             if nl < 0:
                 if len(self.buf) > MAX_LINE:
                     self._fatal(BadRequest(f"request line longer than {MAX_LINE} bytes"))
-                return
+                    return
+                break
             if nl > MAX_LINE:
                 self._fatal(BadRequest(f"request line longer than {MAX_LINE} bytes"))
                 return
             line = bytes(self.buf[:nl])
             del self.buf[: nl + 1]
+            self.line_started = None
             try:
                 self._handle(line)
             except Exception as exc:  # a bug: answer internal, keep the connection and the daemon
@@ -174,21 +276,33 @@ class _Connection(asyncio.Protocol):
                         peek_id(line), InternalError("internal error in assetd", detail=repr(exc))
                     )
                 )
+        if self.buf and self.line_started is None:
+            self.line_started = self.daemon.loop.time()
+        if not self.reading and not self.closing and not transport.is_closing():
+            transport.resume_reading()
+            self.reading = True
 
-    def eof_received(self) -> bool:
-        # half-close: answer what was already asked, then close (in _drain)
-        self.closing = True
-        self._drain()
-        return True
+    def expire(self, now: float) -> None:
+        """Close this connection if it is idle, slow to finish a line, or not reading."""
+        if self.closing or self.transport is None:
+            return
+        cfg = self.daemon.config.daemon
+        if self.line_started is not None and now - self.line_started > cfg.line_timeout_s:
+            self.daemon.slow_line.warn(timeout_s=cfg.line_timeout_s)
+            self._fatal(BadRequest(f"request line not finished within {cfg.line_timeout_s:g}s"))
+        elif self.write_paused and now - self.write_paused_at > cfg.idle_timeout_s:
+            self.daemon.stalled.warn(timeout_s=cfg.idle_timeout_s)
+            self.closing = True
+            self.transport.abort()  # it reads nothing: what is unsent can go
+        elif not self.owed and not self.buf and now - self.last_active > cfg.idle_timeout_s:
+            self.closing = True
+            self.transport.close()  # quietly: a client reconnects when it needs us again
 
     # -- answers, in request order ------------------------------------------
 
     def _owe(self, future: asyncio.Future[bytes]) -> None:
         self.owed.append(future)
         future.add_done_callback(lambda _f: self._drain())
-        if len(self.owed) > _MAX_PIPELINED and self.transport and not self.paused:
-            self.transport.pause_reading()
-            self.paused = True
 
     def _answer_now(self, message: dict[str, Any]) -> None:
         self._write_now(encode(message))
@@ -207,15 +321,16 @@ class _Connection(asyncio.Protocol):
 
     def _drain(self) -> None:
         transport = self.transport
+        if self.owed and self.owed[0].done():
+            self.last_active = self.daemon.loop.time()  # idle counts from the last answer too
         while self.owed and self.owed[0].done():
             future = self.owed.popleft()
             if transport is not None and not transport.is_closing() and not future.cancelled():
                 transport.write(future.result())
-        if self.paused and len(self.owed) <= _MAX_PIPELINED // 2 and transport is not None:
-            transport.resume_reading()
-            self.paused = False
         if self.closing and not self.owed and transport is not None:
             transport.close()
+        elif not self.reading:
+            self._pump()
 
     def _fatal(self, err: AssetError) -> None:
         """Answer one last error, then close: the stream can no longer be trusted."""
@@ -223,6 +338,7 @@ class _Connection(asyncio.Protocol):
         self._answer_now(error_response(None, err))
         self.closing = True
         self.buf.clear()
+        self.line_started = None
         self._drain()
 
     # -- requests -------------------------------------------------------------
@@ -248,7 +364,9 @@ class _Connection(asyncio.Protocol):
             self._answer_now(ok_response(req.id, {"version": __version__}))
         elif req.op == "resolve":
             self._resolve(req, started)
-        elif req.op in MAINTENANCE_OPS and not daemon.admin_allowed(*self.peer):
+        elif req.op in MAINTENANCE_OPS and not daemon.admin_allowed(
+            self.peer[1], self.peer[2], self.groups
+        ):
             refused = Forbidden(f"op '{req.op}' needs an admin uid or gid (daemon.admin_uids)")
             daemon.count_error(refused.code)
             self._answer_now(error_response(req.id, refused))
@@ -296,32 +414,47 @@ class Daemon:
         self._stopping = threading.Event()
         self.watcher: Watcher | None = None
         self.background = Background()
+        self.over_limit = _Throttled("connection refused: at max_connections")
+        self.refused_peer = _Throttled("peer refused")
+        self.slow_line = _Throttled("closed a connection: request line not finished in time")
+        self.stalled = _Throttled("closed a connection: its client stopped reading answers")
         self._idle = asyncio.Event()
         self._stop: asyncio.Event | None = None
         self._socket_path: str | None = None
         self._socket_ino: int | None = None
+        self._metrics_path: tuple[str | None, int | None] = (None, None)
         self.export = PrometheusExport(
             self.stats, self.metrics, listen=config.metrics.listen, textfile=config.metrics.textfile
         )
 
     # -- policy of the socket itself ------------------------------------------
 
-    def peer_allowed(self, pid: int, uid: int, gid: int) -> bool:
+    def peer_allowed(self, uid: int, gid: int, groups: Callable[[], frozenset[int]]) -> bool:
+        """Admit by uid, primary gid or a supplementary group (read only when needed)."""
         uids, gids = self.config.daemon.allowed_uids, self.config.daemon.allowed_gids
         if not uids and not gids:
             return True  # the socket's mode and group are the gate
         if uid in uids or gid in gids:
             return True
-        return bool(gids) and bool(_peer_groups(pid) & set(gids))
+        return bool(gids) and not groups().isdisjoint(gids)
 
-    def admin_allowed(self, pid: int, uid: int, gid: int) -> bool:
+    def refuse_over_limit(self, transport: asyncio.Transport) -> None:
+        """One retryable error line, then close: the daemon is at max_connections."""
+        self.count_error("unavailable")
+        self.over_limit.warn(max_connections=self.config.daemon.max_connections)
+        err = Unavailable("assetd is at its connection limit; try again shortly")
+        if not transport.is_closing():
+            transport.write(encode(error_response(None, err)))
+        transport.close()
+
+    def admin_allowed(self, uid: int, gid: int, groups: Callable[[], frozenset[int]]) -> bool:
         """May this peer run gc/verify? root and the daemon's own user always may."""
         if uid == 0 or uid == os.geteuid():
             return True
         uids, gids = self.config.daemon.admin_uids, self.config.daemon.admin_gids
         if uid in uids or gid in gids:
             return True
-        return bool(gids) and bool(_peer_groups(pid) & set(gids))
+        return bool(gids) and not groups().isdisjoint(gids)
 
     def count_error(self, code: str) -> None:
         self.service.count_error(code)
@@ -415,15 +548,18 @@ class Daemon:
         return message
 
     def _prefetch(self, req: Request, started: float) -> dict[str, Any]:
-        futures = []
-        for item in req.sources:
-            one = Request("resolve", None, item.source, item.version_id, req.timeout_s, req.job)
-            futures.append(self.prefetches.submit(self._resolve_blocking, one, started))
+        # a window of PREFETCH_CONCURRENCY entries at a time: one long prefetch
+        # cannot take the whole pool (or send S3 hundreds of HEADs at once)
+        window: deque[Future[dict[str, Any]]] = deque()
         results = []
-        for f in futures:
-            answer = f.result()
+        for item in req.sources:
+            if len(window) >= PREFETCH_CONCURRENCY:
+                results.append(window.popleft().result())
+            one = Request("resolve", None, item.source, item.version_id, req.timeout_s, req.job)
+            window.append(self.prefetches.submit(self._resolve_blocking, one, started))
+        results.extend(f.result() for f in window)
+        for answer in results:
             answer.pop("id", None)
-            results.append(answer)
         self.metrics.observe("prefetch", "ok", time.perf_counter() - started)
         return ok_response(req.id, {"results": results})
 
@@ -522,7 +658,13 @@ class Daemon:
     def _listen(self) -> socket.socket:
         activated = systemd.listen_fds()
         if activated:
-            return activated[0]  # systemd owns the path: never unlink it
+            sock = activated[0]
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise ConfigError(
+                    "socket activation passed a socket that is not a Unix stream socket; "
+                    "assetd.socket needs ListenStream=/run/assetd/assetd.sock"
+                )
+            return sock  # systemd owns the path: never unlink it
         sock = bind_socket(
             self.config.daemon.socket,
             self.config.daemon.socket_mode,
@@ -533,11 +675,32 @@ class Daemon:
         return sock
 
     def _unlink_socket(self) -> None:
-        if self._socket_path is None:
-            return
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self._socket_path).st_ino == self._socket_ino:
-                os.unlink(self._socket_path)
+        for path, ino in ((self._socket_path, self._socket_ino), self._metrics_path):
+            if path is None:
+                continue
+            with contextlib.suppress(FileNotFoundError):
+                if os.stat(path).st_ino == ino:
+                    os.unlink(path)
+
+    def _metrics_socket(self) -> socket.socket | None:
+        """The Unix socket for /metrics, with the main socket's mode and group."""
+        path = self.config.metrics.socket
+        if not path:
+            return None
+        daemon = self.config.daemon
+        sock = bind_socket(path, daemon.socket_mode, daemon.socket_group)
+        self._metrics_path = (path, os.stat(path).st_ino)
+        return sock
+
+    def admit(self, sock: socket.socket) -> bool:
+        """The main socket's peer check, for another Unix socket (metrics)."""
+        try:
+            _pid, uid, gid = _PEERCRED.unpack(
+                sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+            )
+        except OSError:
+            return False
+        return self.peer_allowed(uid, gid, lambda: peer_groups(sock))
 
     def request_stop(self) -> None:
         if self._stop is not None:
@@ -551,9 +714,23 @@ class Daemon:
         finally:
             self.loop.close()
 
+    def _raise_fd_limit(self) -> None:
+        """Room for max_connections sockets plus the cache's own files."""
+        want = self.config.daemon.max_connections + 256
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            if target < want:
+                log.warning("open-file limit below max_connections", limit=hard, wanted=want)
+
     async def _main(self) -> int:
         self._stop = asyncio.Event()
+        self._raise_fd_limit()
         sock = self._listen()
+        # metrics first: once the socket answers, everything it promises is up
+        await self.export.serve(self._metrics_socket(), self.admit)
         server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock)
         for sig in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal_handler(sig, self._stop.set)
@@ -566,6 +743,7 @@ class Daemon:
         else:
             self.background.ok("watcher")
         tasks = [asyncio.ensure_future(self._flush_loop())]
+        tasks.append(asyncio.ensure_future(self._expire_loop()))
         interval = systemd.watchdog_interval()
         if interval:
             tasks.append(asyncio.ensure_future(self._watchdog(interval)))
@@ -585,6 +763,7 @@ class Daemon:
         systemd.notify("STOPPING=1")
         log.info("stopping", in_flight=self.in_flight, grace_s=self.grace_s)
         server.close()
+        self.export.close_servers()
         self._unlink_socket()
         if self.in_flight:
             with contextlib.suppress(asyncio.TimeoutError):
@@ -692,6 +871,14 @@ class Daemon:
                 self.watcher.stop()
             self.watcher = None
             self.watcher = self._start_watcher()
+
+    async def _expire_loop(self) -> None:
+        """Close idle, half-sent and non-reading connections (see _Connection.expire)."""
+        while True:
+            await asyncio.sleep(EXPIRE_EVERY_S)
+            now = self.loop.time()
+            for conn in list(self.connections):
+                conn.expire(now)
 
     async def _watchdog(self, interval: float) -> None:
         while True:

@@ -129,6 +129,11 @@ allowed_gids = [50]
 workers = 3
 admin_uids = [1002]
 admin_gids = [51]
+max_connections = 200
+max_pipelined = 4
+max_unsent_bytes = "1MiB"
+idle_timeout_s = 30
+line_timeout_s = 2.5
 
 [cache]
 dir = "/srv/cache"
@@ -165,6 +170,7 @@ level = "debug"
 [metrics]
 listen = "127.0.0.1:9100"
 textfile = "/srv/metrics.prom"
+socket = "/srv/metrics.sock"
 """
 
 
@@ -183,6 +189,11 @@ def test_file_values(tmp_path: Path) -> None:
             workers=3,
             admin_uids=(1002,),
             admin_gids=(51,),
+            max_connections=200,
+            max_pipelined=4,
+            max_unsent_bytes=1 << 20,
+            idle_timeout_s=30.0,
+            line_timeout_s=2.5,
         )
         == cfg.daemon
     )
@@ -219,7 +230,12 @@ def test_file_values(tmp_path: Path) -> None:
     )
     assert LocalConfig(root="/srv/local") == cfg.local
     assert LogConfig(format="json", level="debug") == cfg.log
-    assert MetricsConfig(listen="127.0.0.1:9100", textfile="/srv/metrics.prom") == cfg.metrics
+    assert (
+        MetricsConfig(
+            listen="127.0.0.1:9100", textfile="/srv/metrics.prom", socket="/srv/metrics.sock"
+        )
+        == cfg.metrics
+    )
 
 
 def test_every_key_origin_is_file_when_file_sets_it(tmp_path: Path) -> None:

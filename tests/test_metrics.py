@@ -4,11 +4,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
 import os
 import socket
+import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -254,30 +257,157 @@ def test_metrics_listen_accepts_loopback(listen: str, expected: tuple[str, int])
 
 
 def test_metrics_off_by_default() -> None:
-    """Without listen or textfile, start and stop do nothing (no server, no file)."""
+    """Without listen, socket or textfile, nothing is served or written."""
     export = _export()
     assert None is export.listen
-    export.start()
+
+    async def run() -> int:
+        export.start()
+        await export.serve()
+        served = len(export._servers)
+        export.close_servers()
+        return served
+
+    assert 0 == asyncio.run(run())
     export.stop()
-    assert None is export._server
+
+
+class _Served:
+    """An export serving /metrics on an event loop in a background thread."""
+
+    def __init__(self, export: PrometheusExport, unix_sock: socket.socket | None = None,
+                 admit: Any = None) -> None:  # fmt: skip
+        self.export = export
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        kwargs = {} if admit is None else {"admit": admit}
+        asyncio.run_coroutine_threadsafe(export.serve(unix_sock, **kwargs), self.loop).result(10)
+
+    def threads(self) -> int:
+        return threading.active_count()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.export.close_servers)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
 
 
 def test_loopback_listen_serves_metrics() -> None:
     """A loopback listen address really serves /metrics over HTTP."""
     port = _free_port()
-    export = _export(listen=f"127.0.0.1:{port}")
-    export.start()
+    served = _Served(_export(listen=f"127.0.0.1:{port}"))
     try:
         url = f"http://127.0.0.1:{port}/metrics"
         with urllib.request.urlopen(url, timeout=5) as response:
             assert 200 == response.status
             body = response.read().decode()
     finally:
-        export.stop()
-        with contextlib.suppress(Exception):
-            export._server.server_close()
+        served.close()
     assert 3.0 == _samples(body)[("assetd_cache_entries", ())]
     assert 'assetd_resolves_total{cache="hit"} 5.0' in body
+
+
+def _raw(address: Any, payload: bytes, family: int = socket.AF_INET) -> bytes:
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(address)
+        sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def test_unknown_path_and_method_are_refused() -> None:
+    """Only GET or HEAD of /metrics (or /) is answered with the exposition."""
+    port = _free_port()
+    served = _Served(_export(listen=f"127.0.0.1:{port}"))
+    try:
+        addr = ("127.0.0.1", port)
+        other = _raw(addr, b"GET /secrets HTTP/1.1\r\nHost: x\r\n\r\n")
+        post = _raw(addr, b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = _raw(addr, b"HEAD /metrics HTTP/1.0\r\n\r\n")
+    finally:
+        served.close()
+    assert other.startswith(b"HTTP/1.1 404 ")
+    assert post.startswith(b"HTTP/1.1 405 ")
+    assert (True, True) == (head.startswith(b"HTTP/1.1 200 "), head.endswith(b"\r\n\r\n"))
+
+
+def test_metrics_flood_starts_no_thread_and_is_capped() -> None:
+    """300 connections that each send a bare request line: no new thread, 16 held at most."""
+    port = _free_port()
+    export = _export(listen=f"127.0.0.1:{port}")
+    served = _Served(export)
+    before = served.threads()
+    socks = []
+    try:
+        for _ in range(300):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the blank line
+            socks.append(sock)
+        time.sleep(0.5)
+        held, threads = export.open, served.threads()
+    finally:
+        for sock in socks:
+            sock.close()
+        served.close()
+    assert (True, PrometheusExport.MAX_CONNECTIONS) == (threads <= before, held)
+    assert 300 - PrometheusExport.MAX_CONNECTIONS == export.refused
+
+
+def test_slow_scrape_is_closed_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scrape that never finishes its request is closed after TIMEOUT_S."""
+    monkeypatch.setattr(PrometheusExport, "TIMEOUT_S", 0.3)
+    port = _free_port()
+    export = _export(listen=f"127.0.0.1:{port}")
+    served = _Served(export)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\n")
+            started = time.monotonic()
+            with contextlib.suppress(ConnectionResetError):
+                assert b"" == sock.recv(100)
+            took = time.monotonic() - started
+    finally:
+        served.close()
+    assert took < 5
+    assert 0 == export.open
+
+
+def test_unix_socket_admits_and_refuses_by_peer(tmp_path: Path) -> None:
+    """On metrics.socket the admit check decides: admitted peers get 200, others 403."""
+    path = str(tmp_path / "m.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(16)
+    verdicts = [True, False]
+    served = _Served(_export(), listener, admit=lambda _sock: verdicts.pop(0))
+    try:
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n"
+        admitted = _raw(path, request, socket.AF_UNIX)
+        refused = _raw(path, request, socket.AF_UNIX)
+    finally:
+        served.close()
+    assert admitted.startswith(b"HTTP/1.1 200 ")
+    assert b"assetd_cache_entries 3.0" in admitted
+    assert (True, False) == (refused.startswith(b"HTTP/1.1 403 "), b"assetd_" in refused)
+
+
+def test_render_is_cached_for_a_second() -> None:
+    """Scrapes within CACHE_S share one rendering: a flood cannot make stats() run per request."""
+    calls = []
+
+    def stats() -> dict[str, Any]:
+        calls.append(1)
+        return fake_stats()
+
+    export = PrometheusExport(stats, Metrics(), listen=None, textfile=None)
+    for _ in range(50):
+        export.render()
+    assert 1 == len(calls)
 
 
 def test_textfile_written(tmp_path: Path) -> None:

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 
 from assetd import errors
 from assetd.protocol import (
+    MAX_JOB,
     MAX_LINE,
     MAX_PREFETCH,
+    MAX_TIMEOUT_S,
     OPS,
     PrefetchItem,
     Request,
@@ -231,6 +233,14 @@ HOSTILE: dict[str, bytes] = {
     "timeout_s -Infinity": b'{"op":"resolve","source":"s3://b/k","timeout_s":-Infinity}',
     "timeout_s overflows to inf": b'{"op":"resolve","source":"s3://b/k","timeout_s":1e400}',
     "timeout_s a list": b'{"op":"resolve","source":"s3://b/k","timeout_s":[5]}',
+    "timeout_s 1e308": b'{"op":"resolve","source":"s3://b/k","timeout_s":1e308}',
+    "timeout_s a huge int": b'{"op":"resolve","source":"s3://b/k","timeout_s":' + b"9" * 400 + b"}",
+    "timeout_s above the maximum": _line(
+        {"op": "resolve", "source": "s3://b/k", "timeout_s": MAX_TIMEOUT_S + 0.001}
+    ),
+    "job over 256 chars": _line({"op": "resolve", "source": "s3://b/k", "job": "j" * 257}),
+    "prefetch job of 60 KB": _line({"op": "prefetch", "sources": [], "job": "j" * 60_000}),
+    "prefetch timeout_s 1e308": b'{"op":"prefetch","sources":[],"timeout_s":1e308}',
     "id an object": b'{"op":"ping","id":{"a":1}}',
     "id a list": b'{"op":"ping","id":[1]}',
     "id true": b'{"op":"ping","id":true}',
@@ -282,6 +292,40 @@ def test_too_long_line_is_refused_before_parsing() -> None:
     assert MAX_LINE + 1 == len(line)
     with pytest.raises(errors.BadRequest, match="longer than"):
         decode_request(line)
+
+
+def test_timeout_at_the_maximum_is_accepted() -> None:
+    """timeout_s equal to MAX_TIMEOUT_S (3600) is the largest accepted, as documented."""
+    line = _line({"op": "resolve", "source": "s3://b/k", "timeout_s": MAX_TIMEOUT_S})
+    assert 3600.0 == decode_request(line).timeout_s == MAX_TIMEOUT_S
+
+
+def test_job_of_256_chars_is_kept() -> None:
+    """A job label of exactly MAX_JOB (256) characters is accepted unchanged."""
+    job = "é" * MAX_JOB
+    line = _line({"op": "resolve", "source": "s3://b/k", "job": job})
+    assert (256, job) == (MAX_JOB, decode_request(line).job)
+
+
+@pytest.mark.parametrize(
+    ("job", "logged"),
+    [
+        ("tp2\n42", "tp2?42"),
+        ("a\x1b[31mred", "a?[31mred"),
+        ("x\u2028y\x00z", "x?y?z"),
+        ("lone\ud800", "lone?"),
+        ("ok job-1/é", "ok job-1/é"),
+    ],
+)
+def test_job_is_sanitised_for_the_log(job: str, logged: str) -> None:
+    """Control, separator and surrogate characters in job become '?': one log line, no escapes."""
+    line = json.dumps({"op": "resolve", "source": "s3://b/k", "job": job}).encode()
+    assert logged == decode_request(line).job
+
+
+def test_prefetch_limit_is_1000() -> None:
+    """The prefetch entry cap is 1000, as docs/protocol.md states."""
+    assert 1000 == MAX_PREFETCH
 
 
 def test_nan_timeout_is_refused_not_accepted() -> None:

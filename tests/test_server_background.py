@@ -143,20 +143,22 @@ def test_recovery_is_retried_until_it_succeeds(
 @pytest.mark.parametrize(
     ("keys", "peer", "admitted"),
     [
-        ({}, (1, 0, 0), True),  # root
-        ({}, (1, 4242, 4242), False),
-        ({"admin_uids": (4242,)}, (1, 4242, 4242), True),
-        ({"admin_gids": (77,)}, (1, 4242, 77), True),
-        ({"admin_gids": (77,)}, (1, 4242, 78), False),
+        ({}, (0, 0, ()), True),  # root
+        ({}, (4242, 4242, ()), False),
+        ({"admin_uids": (4242,)}, (4242, 4242, ()), True),
+        ({"admin_gids": (77,)}, (4242, 77, ()), True),
+        ({"admin_gids": (77,)}, (4242, 78, ()), False),
+        ({"admin_gids": (77,)}, (4242, 78, (77,)), True),  # a supplementary group
     ],
 )
 def test_admin_check(
-    tmp_path: Path, keys: dict[str, Any], peer: tuple[int, int, int], admitted: bool
+    tmp_path: Path, keys: dict[str, Any], peer: tuple[int, int, tuple[int, ...]], admitted: bool
 ) -> None:
     """gc/verify: root, the daemon's own uid, admin_uids and admin_gids; nobody else."""
     d = _daemon(tmp_path, **keys)
+    uid, gid, groups = peer
     try:
-        assert admitted == d.admin_allowed(*peer)
+        assert admitted == d.admin_allowed(uid, gid, lambda: frozenset(groups))
     finally:
         d.requests.shutdown(wait=False)
         d.prefetches.shutdown(wait=False)
