@@ -425,5 +425,141 @@ def show_config(config_path: str | None, as_json: bool) -> None:
         click.echo(f"{name:<{width}} = {shown:<40} # {row['origin']}")
 
 
+@cli.command()
+@click.argument("setup", type=click.Path(exists=True, dir_okay=False))
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 if any entry drifted.")
+@click.option("--upgrade", is_flag=True, help="Drop existing pins; lock the current objects.")
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=None, help="Deadline per asset.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_socket_option
+def lock(
+    setup: str,
+    check: bool,
+    upgrade: bool,
+    timeout_s: float | None,
+    as_json: bool,
+    socket_path: str | None,
+) -> None:
+    """Pin each asset of SETUP (a setup config) to its current content, in place."""
+    from assetd.lockfile import lock_setup
+
+    if check and upgrade:
+        _fail("assetd: --check and --upgrade do not go together", 2)
+    with _client(socket_path, timeout=(timeout_s or 300) + 5) as client:
+        try:
+            report = lock_setup(setup, client, check=check, upgrade=upgrade, timeout_s=timeout_s)
+        except DaemonUnreachable as exc:
+            _unreachable(exc)
+        except AssetError as exc:
+            _fail(f"assetd: {setup}: {exc.code}: {exc.message}", 2)
+        except OSError as exc:
+            _fail(f"assetd: cannot read {setup}: {exc.strerror}", 2)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for entry in report.entries:
+            click.echo(entry.line())
+        if check:
+            verdict = "drifted" if report.problems else "matches its lock"
+            click.echo(f"{setup}: {len(report.problems)} of {len(report.entries)} {verdict}")
+        elif report.problems:
+            click.echo(f"{setup}: not written: {len(report.problems)} assets failed", err=True)
+        else:
+            click.echo(f"{setup}: {'written' if report.written else 'already locked'}")
+    sys.exit(1 if report.problems else 0)
+
+
+@cli.group()
+def catalog() -> None:
+    """The asset:// catalog: list its entries, check that each resolves."""
+
+
+def _load_catalog(cfg: Config, file: str | None) -> Any:
+    from assetd.catalog import catalog_path, load_catalog
+
+    path = file or catalog_path(cfg.catalog.file, cfg.path)
+    if not path:
+        _fail("assetd: no catalog: set catalog.file (or ASSETD_CATALOG_FILE), or pass --file", 2)
+    try:
+        return load_catalog(path)
+    except ConfigError as exc:
+        _fail(f"assetd: invalid catalog: {exc}", 2)
+
+
+_catalog_file = click.option(
+    "--file", "file", type=click.Path(), default=None, help="Catalog file (default: catalog.file)."
+)
+
+
+@catalog.command("list")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@_catalog_file
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def catalog_list(config_path: str | None, file: str | None, as_json: bool) -> None:
+    """Print the catalog's entries (no daemon needed)."""
+    cat = _load_catalog(_load(config_path), file)
+    rows = [e.to_dict() for e in cat.entries.values()]
+    if as_json:
+        click.echo(json.dumps({"file": cat.path, "entries": rows}))
+        return
+    click.echo(f"# catalog file: {cat.path} ({len(rows)} entries)")
+    for row in rows:
+        pins = "".join(f" {k}={row[k]}" for k in ("version_id", "sha256") if row[k] is not None)
+        click.echo(f"asset://{row['name']} -> {row['source']}{pins}")
+
+
+@catalog.command("check")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@_catalog_file
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=None, help="Deadline per entry.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_socket_option
+def catalog_check(
+    config_path: str | None,
+    file: str | None,
+    timeout_s: float | None,
+    as_json: bool,
+    socket_path: str | None,
+) -> None:
+    """Validate the catalog file, then resolve every name through the daemon."""
+    cfg = _load(config_path)
+    cat = _load_catalog(cfg, file)
+    results = []
+    with _client(socket_path or cfg.daemon.socket, timeout=(timeout_s or 300) + 5) as client:
+        for entry in cat.entries.values():
+            row: dict[str, Any] = {"name": entry.name, "source": str(entry.source)}
+            try:
+                res = client.resolve(f"asset://{entry.name}", timeout_s=timeout_s, job="catalog")
+            except DaemonUnreachable as exc:
+                _unreachable(exc)
+            except AssetError as exc:
+                row["error"] = exc.to_dict()
+            else:
+                row.update(resolved_source=res.resolved_source, sha256=res.sha256, size=res.size)
+                if res.resolved_source != str(entry.source):
+                    # the daemon runs another catalog than this file: a failed or pending reload
+                    row["error"] = {
+                        "code": "stale_catalog",
+                        "message": f"the daemon resolves it to {res.resolved_source}; reload it",
+                    }
+            results.append(row)
+    failed = [r for r in results if "error" in r]
+    if as_json:
+        click.echo(json.dumps({"file": cat.path, "entries": results}))
+    else:
+        for r in results:
+            if "error" in r:
+                click.echo(
+                    f"FAIL asset://{r['name']}: {r['error']['code']}: {r['error']['message']}"
+                )
+            else:
+                click.echo(
+                    f"ok   asset://{r['name']} -> {r['resolved_source']} "
+                    f"sha256 {r['sha256'][:12]} {r['size']} bytes"
+                )
+        click.echo(f"{cat.path}: {len(results) - len(failed)} of {len(results)} resolve")
+    sys.exit(1 if failed else 0)
+
+
 def main() -> None:
     cli(prog_name="assetd")
