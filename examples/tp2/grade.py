@@ -1,6 +1,6 @@
 """tp2's grader: pre-flight assets through assetd, run the student in bubblewrap.
 
-    python examples/tp2/grade.py SOLUTION.py [...] [--socket PATH] [--setup setup.json]
+    python examples/tp2/grade.py SOLUTION.py [...] [--socket PATH] [--setup setup.json] [--out DIR]
 
 For each solution:
 
@@ -12,6 +12,11 @@ For each solution:
    (``--unshare-net``), an empty environment (``--clearenv``), a tmpfs
    ``/tmp``, and read-only system directories;
 4. compare its output with the teacher's key, computed from the same bytes.
+
+Each verdict carries the job's asset manifest (which bytes each asset was:
+source, resolved source, version_id, ETag, sha256, size, cache status);
+``--out DIR`` writes ``<solution>.verdict.json`` and, beside it,
+``<solution>.manifest.json``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from assetd import AssetdClient
 from assetd.errors import AssetError
@@ -35,7 +41,7 @@ from assetd.grader import (
     AssetSourceResolver,
     PlacedAsset,
     PreflightError,
-    ResolvedAsset,
+    ResolvedAssets,
     bwrap_args,
     parse_assets,
     place_copies,
@@ -54,6 +60,7 @@ class Verdict:
     cache: list[str] = field(default_factory=list)
     seconds: float = 0.0
     preflight: list[dict[str, str]] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None  # the bytes this verdict was computed against
 
     def line(self) -> str:
         caches = ",".join(self.cache) or "-"
@@ -126,9 +133,7 @@ def run_student(
     )
 
 
-def preflight(
-    resolver: AssetSourceResolver, setup: dict[str, object], job: str
-) -> list[ResolvedAsset]:
+def preflight(resolver: AssetSourceResolver, setup: dict[str, object], job: str) -> ResolvedAssets:
     """Every asset resolved, or PreflightError: nothing of the student's has run yet."""
     return resolver.resolve_assets(parse_assets(setup), job=job)
 
@@ -147,9 +152,11 @@ def grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolve
             f"{f.target}: {f.code}: {f.message}" for f in exc.failures
         )
         verdict.preflight = [f.to_dict() for f in exc.failures]
+        verdict.manifest = exc.manifest.to_dict()
         verdict.seconds = time.monotonic() - started
         return verdict
     verdict.cache = [a.cache or "local" for a in assets]
+    verdict.manifest = assets.manifest.to_dict()
     # the key comes from the bytes as resolved, before any student code runs
     dataset = next(a for a in assets if a.spec.target == DATASET_TARGET)
     expected = expected_output(dataset.path.read_bytes())
@@ -179,12 +186,24 @@ def grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolve
     return verdict
 
 
+def write_verdict(verdict: Verdict, out: Path) -> tuple[Path, Path]:
+    """``<solution>.verdict.json`` and, beside it, ``<solution>.manifest.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(verdict.solution).stem
+    verdict_path, manifest_path = out / f"{stem}.verdict.json", out / f"{stem}.manifest.json"
+    body = {k: v for k, v in verdict.__dict__.items() if k != "manifest"}
+    verdict_path.write_text(json.dumps(body, indent=2) + "\n")
+    manifest_path.write_text(json.dumps(verdict.manifest, indent=2) + "\n")
+    return verdict_path, manifest_path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("solutions", nargs="+", type=Path)
     parser.add_argument("--socket", default=None)
     parser.add_argument("--setup", type=Path, default=HERE / "setup.json")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write verdicts and manifests here")
     args = parser.parse_args()
     setup = json.loads(args.setup.read_text())
     with AssetdClient(args.socket) as client:
@@ -192,6 +211,8 @@ def main() -> int:
         verdicts = [grade(s.resolve(), setup, resolver) for s in args.solutions]
     for v in verdicts:
         print(json.dumps(v.__dict__) if args.json else v.line())
+        if args.out is not None:
+            write_verdict(v, args.out)
     return 0 if all(v.status != "error" for v in verdicts) else 1
 
 
