@@ -186,6 +186,7 @@ def serve(config_path: str | None, grace: float) -> None:
     help="Deadline in seconds.",
 )
 @click.option("--job", default=None, help="Caller label logged with the result.")
+@click.option("--sha256", default=None, help="Content pin: these bytes or content_mismatch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
 @_socket_option
 def get(
@@ -193,13 +194,14 @@ def get(
     version_id: str | None,
     timeout_s: float | None,
     job: str | None,
+    sha256: str | None,
     as_json: bool,
     socket_path: str | None,
 ) -> None:
     """Ask the daemon for SOURCE and print its local path."""
     with _client(socket_path, timeout=(timeout_s or 300) + 5) as client:
         try:
-            res = client.resolve(source, version_id, timeout_s=timeout_s, job=job)
+            res = client.resolve(source, version_id, timeout_s=timeout_s, job=job, sha256=sha256)
         except DaemonUnreachable as exc:
             _unreachable(exc)
         except AssetError as exc:
@@ -210,12 +212,12 @@ def get(
     click.echo(json.dumps({"ok": True, **res.to_dict()}) if as_json else str(res.path))
 
 
-def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
-    """Sources named on the command line, or read from setup-config / list files."""
-    found: list[tuple[str, str | None]] = []
+def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None, str | None]]:
+    """Sources (with version_id and sha256) named on the command line or read from files."""
+    found: list[tuple[str, str | None, str | None]] = []
     for arg in args:
         if "://" in arg or not os.path.isfile(arg):
-            found.append((arg, None))
+            found.append((arg, None, None))
             continue
         try:
             with open(arg, encoding="utf-8") as f:
@@ -227,15 +229,21 @@ def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
             _fail(f'assetd: {arg}: expected {{"assets": [...]}} or a list of sources', 2)
         for item in items:
             if isinstance(item, str):
-                found.append((item, None))
+                found.append((item, None, None))
             elif (
                 isinstance(item, dict)
                 and isinstance(item.get("source"), str)
                 and isinstance(item.get("version_id"), str | None)
+                and isinstance(item.get("sha256"), str | None)
             ):
-                found.append((item["source"], item.get("version_id")))
+                # a locked setup config warms exactly its pinned content
+                found.append((item["source"], item.get("version_id"), item.get("sha256")))
             else:
-                _fail(f"assetd: {arg}: each entry needs a string 'source' (and 'version_id')", 2)
+                _fail(
+                    f"assetd: {arg}: each entry needs a string 'source' "
+                    "(and 'version_id', 'sha256')",
+                    2,
+                )
     return found
 
 
@@ -273,7 +281,7 @@ def prefetch(
                 _unreachable(exc)
             except AssetError as exc:
                 _fail(f"{exc.code}: {exc.message}", 1)
-            for (source, _vid), res in zip(chunk, results, strict=True):
+            for (source, _vid, _sha), res in zip(chunk, results, strict=True):
                 if isinstance(res, AssetError):
                     summary["errors"] += 1
                     failures.append(f"{source}: {res.code}: {res.message}")

@@ -1,4 +1,4 @@
-"""Unit tests for `assetd catalog list|check` and `assetd lock` (CliRunner, a fake daemon)."""
+"""Unit tests for the CLI's v2 parts: catalog list|check, lock, pins (CliRunner, a fake daemon)."""
 
 # House style puts the expected value on the left of ==.
 
@@ -116,3 +116,26 @@ def test_lock_check_and_upgrade_together_is_a_usage_error(tmp_path: Path) -> Non
     setup = tmp_path / "setup.json"
     setup.write_text("{}")
     assert 2 == run("lock", "--check", "--upgrade", str(setup)).exit_code
+
+
+def test_get_and_prefetch_send_pins(sock_path: str, tmp_path: Path) -> None:
+    """get --sha256 sends the pin; prefetch of a locked setup config sends each entry's pin."""
+    pin = "ef" * 32
+    fake = FakeDaemon(
+        sock_path,
+        lambda r: (
+            {"results": [{"ok": True, **resolved_body(SRC)}]}
+            if r["op"] == "prefetch"
+            else resolved_body(SRC)
+        ),
+    ).start()
+    try:
+        setup = tmp_path / "setup.json"
+        setup.write_text(json.dumps({"assets": [{"source": SRC, "sha256": pin, "target": "/t"}]}))
+        got = run("get", SRC, "--sha256", pin, "--socket", sock_path)
+        warmed = run("prefetch", str(setup), "--socket", sock_path)
+    finally:
+        fake.stop()
+    assert (0, 0) == (got.exit_code, warmed.exit_code)
+    assert pin == fake.requests[0]["sha256"]
+    assert [{"source": SRC, "version_id": None, "sha256": pin}] == fake.requests[1]["sources"]

@@ -405,3 +405,29 @@ def test_manifest_for_miss_hit_and_stale(make_daemon: Factory) -> None:
     assert expected("miss", "j1") == json.loads(miss.to_json())
     assert expected("hit", "j2") == json.loads(hit.to_json())
     assert expected("stale", "j3") == json.loads(stale.to_json())
+
+
+def test_prefetch_entries_carry_their_own_pins(
+    seaweedfs: SeaweedFS, buckets: Any, make_daemon: Factory
+) -> None:
+    """A prefetch entry's sha256 applies to it alone; a malformed one fails only that entry."""
+    buckets.put_object(Bucket=PLAIN, Key="datasets/pf.csv", Body=OLD)
+    src = f"s3://{PLAIN}/datasets/pf.csv"
+    d = make_daemon(seaweedfs.endpoint_url)
+    d.start()
+    answer = d.request(
+        {
+            "op": "prefetch",
+            "sources": [
+                {"source": src, "sha256": sha(OLD)},
+                {"source": src, "sha256": sha(NEW)},
+                {"source": src, "sha256": "NOT-HEX"},
+                src,
+            ],
+        },
+        timeout=60,
+    )
+    results = answer["results"]
+    assert [True, "content_mismatch", "bad_request", True] == [
+        r["ok"] if r["ok"] else r["error"]["code"] for r in results
+    ]
