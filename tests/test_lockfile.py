@@ -200,3 +200,22 @@ def test_dumps_like_reproduces_json_dumps_layouts(data: Any, indent: Any, newlin
     if indent is not None and "\n" not in original.rstrip("\n"):
         return  # a scalar or empty container: no indented line to learn the indent from
     assert original == dumps_like(original, json.loads(original))
+
+
+def test_lock_is_all_or_nothing(daemon: tuple[Objects, AssetdClient], tmp_path: Path) -> None:
+    """One asset failing leaves the whole file untouched, the good asset unlocked too."""
+    _objects, client = daemon
+    path = tmp_path / "setup.json"
+    text = json.dumps(
+        {
+            "assets": [
+                {"source": SRC, "target": "/a"},
+                {"source": "s3://autograder-assets/gone.csv", "target": "/b"},
+            ]
+        },
+        indent=2,
+    )
+    path.write_text(text)
+    report = lock_setup(path, client)
+    assert (["locked", "error"], False) == ([e.status for e in report.entries], report.written)
+    assert text == path.read_text()
