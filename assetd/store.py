@@ -434,33 +434,31 @@ class Store:
         failing its check is not served; the caller's normal path handles it.
         """
         rows = self._rows
-
-        def get(k: tuple[str, ...]) -> Any:
-            value = rows.get(k)
-            return value if value is not None or memory_only else self._get(k)
-
         if version_id:
-            tags = ["v:" + version_id]
+            tags: tuple[str, ...] = ("v:" + version_id,)
         else:
-            # cur first: it needs no dig row (entries committed before dig rows existed)
-            tags = [
-                row[0]
-                for row in (get(("cur", bucket, key)), get(("dig", bucket, key, sha256)))
-                if row
-            ]
+            # cur first: the usual case, and entries committed before dig rows existed
+            cur = rows.get(("cur", bucket, key)) or (
+                None if memory_only else self._get(("cur", bucket, key))
+            )
+            dig = rows.get(("dig", bucket, key, sha256)) or (
+                None if memory_only else self._get(("dig", bucket, key, sha256))
+            )
+            tags = tuple(row[0] for row in (cur, dig) if row)
         for tag in tags:
             k = ("obj", bucket, key, tag)
-            entry = get(k)
+            entry = rows.get(k) or (None if memory_only else self._get(k))
             if entry is None or entry.sha256 != sha256:
                 continue
-            expected = get(("blob", sha256))
-            if expected is None:
-                continue
-            path = self.blob_path(sha256)
+            expected = rows.get(("blob", sha256)) or (
+                None if memory_only else self._get(("blob", sha256))
+            )
+            path = self._paths.get(sha256) or self.blob_path(sha256)
             try:
-                if expected != _fingerprint(os.stat(path)):
-                    continue
+                st = os.stat(path)
             except OSError:
+                continue
+            if expected != (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
                 continue
             last_access, pinned_until = self._pins.get(k) or (entry.last_access, entry.pinned_until)
             return Hit(entry, path, 0.0, last_access, pinned_until)
