@@ -431,3 +431,25 @@ def test_prefetch_entries_carry_their_own_pins(
     assert [True, "content_mismatch", "bad_request", True] == [
         r["ok"] if r["ok"] else r["error"]["code"] for r in results
     ]
+
+
+def test_asset_alias_end_to_end_through_the_grader(
+    seaweedfs: SeaweedFS, buckets: Any, make_daemon: Factory, base: Path
+) -> None:
+    """A setup config naming asset:// (pinned) resolves through assetd.grader; its manifest too."""
+    buckets.put_object(Bucket=PLAIN, Key="datasets/e2e.csv", Body=OLD)
+    src = f"s3://{PLAIN}/datasets/e2e.csv"
+    catalog = _catalog(base / "catalog.toml", {"tp2/e2e": {"source": src}})
+    d = make_daemon(seaweedfs.endpoint_url, catalog=catalog)
+    d.start()
+    setup = {"assets": [{"source": "asset://tp2/e2e", "target": "/tmp/E.CSV", "sha256": sha(OLD)}]}
+    with AssetdClient(d.socket_path) as client:
+        assets = AssetSourceResolver(client=client).resolve_assets(parse_assets(setup), job="e2e")
+    entry = assets.manifest.assets[0]
+    assert OLD == assets[0].path.read_bytes()
+    assert ("asset://tp2/e2e", src, sha(OLD), "miss") == (
+        entry.source,
+        entry.resolved_source,
+        entry.sha256,
+        entry.cache,
+    )
