@@ -155,7 +155,8 @@ class AssetService:
             parsed, version_id, pin = self._from_catalog(parsed, version_id, pin)
         ask = _Ask(text, parsed, version_id, self.policy, pin, alias)
         ask.policy.check_source(parsed)  # an alias never widens the allowlists
-        self._check_negative(ask.flight_key)
+        if pin is None:  # a pin is looked up in the index first: S3's memoed "no" comes after
+            self._check_negative(ask.flight_key)
         return ask
 
     def _from_catalog(
@@ -299,6 +300,7 @@ class AssetService:
                 answer = self._serve(ask, pinned.entry, pinned.path, "hit")
                 if answer is not None:
                     return answer
+            self._check_negative(ask.flight_key)
         hit = self.store.lookup(bucket, key, ask.version_id)
         meta: ObjectMeta | None = None
         if hit is not None:

@@ -79,6 +79,19 @@ def test_pin_served_while_s3_fails_even_without_stale(make_env: Callable[..., En
     assert "hit" == env.service.resolve(SRC, sha256=sha(OLD)).cache
 
 
+def test_pin_served_after_delete_despite_negative_cache(env: Env) -> None:
+    """The object deleted and its not_found remembered: the pinned cached bytes are still served."""
+    env.fetcher.put(BUCKET, KEY, OLD)
+    env.service.resolve(SRC)
+    del env.fetcher.objects[(BUCKET, KEY)]
+    with pytest.raises(errors.NotFound):
+        env.service.resolve(SRC)
+    assert "hit" == env.service.resolve(SRC, sha256=sha(OLD)).cache
+    with pytest.raises(errors.NotFound):  # other content: the remembered not_found stands
+        env.service.resolve(SRC, sha256=sha(NEW))
+    assert 2 == _requests(env)["head"]  # the first fetch and the not_found, nothing after
+
+
 def test_pin_try_hit_answers_from_memory(env: Env) -> None:
     """The event-loop fast path serves a pinned hit too, even when the key is not fresh."""
     env.fetcher.put(BUCKET, KEY, OLD)
