@@ -14,7 +14,7 @@ import click
 from assetd import __version__
 from assetd.client import AssetdClient, DaemonUnreachable
 from assetd.config import Config, load_config
-from assetd.errors import AssetError, ConfigError
+from assetd.errors import AssetError, ConfigError, UnsupportedScheme
 
 __all__ = ["main"]
 
@@ -67,13 +67,34 @@ class _Report:
         sys.exit(0 if err is None else 1)
 
 
+def _check_catalog(cfg: Config) -> Any:
+    """The catalog ``check`` needs for an asset:// source."""
+    from assetd.catalog import catalog_path, load_catalog
+
+    path = catalog_path(cfg.catalog.file, cfg.path)
+    if path is None:
+        raise UnsupportedScheme("asset:// sources need a catalog, and none is configured")
+    try:
+        return load_catalog(path)
+    except ConfigError as exc:
+        _fail(f"assetd: invalid catalog: {exc}", 2)
+
+
 def _check(report: _Report, cfg: Config, source: str, version_id: str | None) -> None:
     from assetd.fetcher.s3 import S3Fetcher
     from assetd.service import AssetService
     from assetd.store import Store
-    from assetd.uri import parse_s3
+    from assetd.uri import AssetAlias, parse_remote
 
-    parsed = parse_s3(source)
+    parsed_any = parse_remote(source)
+    catalog = None
+    if isinstance(parsed_any, AssetAlias):
+        catalog = _check_catalog(cfg)
+        entry = catalog.get(parsed_any.name)
+        report.add("catalog", entry.to_dict(), f"{catalog.path}: -> {entry.source}")
+        parsed, version_id = entry.source, version_id or entry.version_id
+    else:
+        parsed = parsed_any
     report.add(
         "parsed",
         {"bucket": parsed.bucket, "key": parsed.key, "version_id": version_id},
@@ -103,6 +124,7 @@ def _check(report: _Report, cfg: Config, source: str, version_id: str | None) ->
     )
     store = Store(cfg.cache.dir)
     service = AssetService(cfg, fetcher, store)
+    service.set_catalog(catalog)
     try:
         started = time.perf_counter()
         resolved = service.resolve(source, version_id)

@@ -139,3 +139,21 @@ def test_get_and_prefetch_send_pins(sock_path: str, tmp_path: Path) -> None:
     assert (0, 0) == (got.exit_code, warmed.exit_code)
     assert pin == fake.requests[0]["sha256"]
     assert [{"source": SRC, "version_id": None, "sha256": pin}] == fake.requests[1]["sources"]
+
+
+def test_check_resolves_asset_names_through_the_catalog(catalog: Path, tmp_path: Path) -> None:
+    """`assetd check asset://…`: no catalog, an unknown name, a name outside the allowlists."""
+    bare = tmp_path / "bare.toml"
+    bare.write_text("")
+    config = tmp_path / "assetd.toml"
+    config.write_text(
+        f'[catalog]\nfile = "{catalog}"\n[s3]\nallowed_buckets = ["elsewhere"]\n'
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+    )
+    none = run("check", "asset://tp2/data", "--config", str(bare), "--json")
+    unknown = run("check", "asset://nope", "--config", str(config), "--json")
+    outside = run("check", "asset://tp2/data", "--config", str(config), "--json")
+    assert ["unsupported_scheme", "not_found", "not_allowed"] == [
+        json.loads(r.stdout)["error"]["code"] for r in (none, unknown, outside)
+    ]
+    assert SRC == json.loads(outside.stdout)["catalog"]["source"]
