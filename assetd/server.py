@@ -28,6 +28,7 @@ from dataclasses import replace
 from typing import Any
 
 from assetd import __version__, systemd
+from assetd.catalog import catalog_path, load_catalog
 from assetd.config import Config, load_config
 from assetd.errors import AssetError, BadRequest, ConfigError, Forbidden, InternalError, Timeout
 from assetd.log import flush as flush_logs
@@ -248,7 +249,7 @@ class _Connection(asyncio.Protocol):
     def _resolve(self, req: Request, started: float) -> None:
         daemon = self.daemon
         try:
-            hit = daemon.service.try_hit(req.source, req.version_id)
+            hit = daemon.service.try_hit(req.source, req.version_id, req.sha256)
         except AssetError as err:
             message, took = daemon.resolve_answer(req, None, err, started)
             self._answer_now(message)
@@ -286,6 +287,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._socket_path: str | None = None
         self._socket_ino: int | None = None
+        self._watcher: Watcher | None = None
         self.export = PrometheusExport(
             self.stats, self.metrics, listen=config.metrics.listen, textfile=config.metrics.textfile
         )
@@ -327,6 +329,8 @@ class Daemon:
             fields.update(
                 version_id=res.version_id, cache=res.cache, sha256=res.sha256, bytes=res.size
             )
+            if res.resolved_source is not None:
+                fields["resolved_source"] = res.resolved_source
         elif err is not None:
             fields.update(version_id=req.version_id, error=err.code, detail=err.detail)
         log.info("resolve", **fields, ms=round(took * 1000, 3))
@@ -380,7 +384,9 @@ class Daemon:
             err = exc
         else:
             try:
-                res = self.service.resolve(req.source, req.version_id, timeout_s=left)
+                res = self.service.resolve(
+                    req.source, req.version_id, timeout_s=left, sha256=req.sha256
+                )
             except AssetError as exc:
                 err = exc
         message, took = self.resolve_answer(req, res, err, started)
@@ -390,7 +396,15 @@ class Daemon:
     def _prefetch(self, req: Request, started: float) -> dict[str, Any]:
         futures = []
         for item in req.sources:
-            one = Request("resolve", None, item.source, item.version_id, req.timeout_s, req.job)
+            one = Request(
+                "resolve",
+                None,
+                item.source,
+                item.version_id,
+                req.timeout_s,
+                req.job,
+                sha256=item.sha256,
+            )
             futures.append(self.prefetches.submit(self._resolve_blocking, one, started))
         results = []
         for f in futures:
@@ -421,6 +435,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.metrics.started, 3),
             "version": __version__,
             "latency": self.metrics.summary(),
+            "aliases": self.service.alias_counts(),
         }
 
     # -- lifecycle ----------------------------------------------------------------
@@ -457,12 +472,26 @@ class Daemon:
         )
         self.config = replace(fresh, daemon=daemon, cache=cache)
         self.service.reconfigure(replace(self.service.config, s3=fresh.s3, cache=cache))
+        self.reload_catalog()
         log.info(
             "reloaded",
             allowed_buckets=list(fresh.s3.allowed_buckets),
             allowed_prefixes=list(fresh.s3.allowed_prefixes),
             max_object_bytes=fresh.s3.max_object_bytes,
         )
+
+    def reload_catalog(self) -> None:
+        """Re-read the asset catalog; an invalid one is refused and the running one kept."""
+        path = catalog_path(self.config.catalog.file, self.config.path)
+        try:
+            catalog = load_catalog(path) if path else None
+        except ConfigError as exc:
+            log.error("catalog reload failed; keeping the running catalog", error=str(exc))
+            return
+        self.service.set_catalog(catalog)
+        if path and self._watcher is not None:
+            self._watcher.watch_file(path, self._reload_soon)
+        log.info("catalog loaded", file=path, entries=len(catalog.entries) if catalog else 0)
 
     def _listen(self) -> socket.socket:
         activated = systemd.listen_fds()
@@ -510,6 +539,10 @@ class Daemon:
             self._reload_soon,
         )
         watcher.start()
+        self._watcher = watcher
+        path = catalog_path(self.config.catalog.file, self.config.path)
+        if path:
+            watcher.watch_file(path, self._reload_soon)  # saving the catalog reloads it too
         tasks = [asyncio.ensure_future(self._flush_loop())]
         interval = systemd.watchdog_interval()
         if interval:
@@ -612,6 +645,10 @@ def build_daemon(config: Config, *, grace_s: float = 10.0) -> Daemon:
     from assetd.fetcher.s3 import S3Fetcher
     from assetd.store import Store
 
+    path = catalog_path(config.catalog.file, config.path)
+    catalog = load_catalog(path) if path else None  # invalid: start fails, naming the entry
     store = Store(config.cache.dir)
     fetcher = S3Fetcher(config.s3, max_connections=max(16, config.daemon.workers * 2))
-    return Daemon(config, AssetService(config, fetcher, store), grace_s=grace_s)
+    service = AssetService(config, fetcher, store)
+    service.set_catalog(catalog)
+    return Daemon(config, service, grace_s=grace_s)
