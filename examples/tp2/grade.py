@@ -80,7 +80,7 @@ class Verdict:
     detail: str = ""
     cache: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    preflight: list[dict[str, str | None]] = field(default_factory=list)
+    preflight: list[dict[str, Any]] = field(default_factory=list)
     manifest: dict[str, Any] | None = None  # the bytes this verdict was computed against
 
     def line(self) -> str:
