@@ -4,9 +4,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-# Debian packages the tests and demo need: systemd-analyze (unit checks), bwrap (sandbox).
-APT_PACKAGES := systemd bubblewrap
-APT_COMMANDS := systemd-analyze bwrap
+# Debian packages the tests and demo need: systemd-analyze (unit checks), bwrap (sandbox),
+# dockerd and a static busybox (the Docker placement tests import an image made from it).
+APT_PACKAGES := systemd bubblewrap docker.io busybox-static
+APT_COMMANDS := systemd-analyze bwrap dockerd busybox
 
 .PHONY: all venv sysdeps test lint unit integration demo bench clean
 
@@ -45,10 +46,11 @@ integration: $(STAMP)
 demo: $(STAMP) sysdeps
 	$(BIN)/python examples/demo.py
 
-bench: $(STAMP)
-	$(BIN)/python bench/cold_fetch.py
+bench: $(STAMP) sysdeps
+	$(BIN)/python bench/cold_fetch.py --profile loopback,wan --repeats 5
 	$(BIN)/python bench/hit_latency.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/inject.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

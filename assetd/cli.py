@@ -6,7 +6,9 @@ import contextlib
 import json
 import os
 import sys
+import tempfile
 import time
+from dataclasses import replace
 from typing import Any, NoReturn
 
 import click
@@ -80,10 +82,22 @@ def _check_catalog(cfg: Config) -> Any:
         _fail(f"assetd: invalid catalog: {exc}", 2)
 
 
+def _check_store(stack: contextlib.ExitStack, report: _Report, cfg: Config) -> tuple[Config, Any]:
+    """The cache ``check`` fills: the configured one, or a scratch dir if a daemon owns it."""
+    from assetd.store import CacheLocked, Store
+
+    try:
+        return cfg, Store(cfg.cache.dir, lock=True)
+    except CacheLocked:
+        # the daemon owns the cache: fetch into a private one, thrown away after
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="assetd-check-"))
+        report.add("cache", "scratch", "a scratch dir: the daemon owns the cache")
+        return replace(cfg, cache=replace(cfg.cache, dir=scratch)), Store(scratch, lock=True)
+
+
 def _check(report: _Report, cfg: Config, source: str, version_id: str | None) -> None:
     from assetd.fetcher.s3 import S3Fetcher
     from assetd.service import AssetService
-    from assetd.store import Store
     from assetd.uri import AssetAlias, parse_remote
 
     parsed_any = parse_remote(source)
@@ -109,7 +123,7 @@ def _check(report: _Report, cfg: Config, source: str, version_id: str | None) ->
     fetcher = S3Fetcher(cfg.s3)
     creds = fetcher.credential_source()
     report.add("credentials", creds, creds or "none found in boto3's default chain")
-    endpoint = cfg.s3.endpoint_url or "AWS default"
+    endpoint = str(_redact(cfg.s3.endpoint_url)) if cfg.s3.endpoint_url else "AWS default"
     report.add("endpoint", endpoint, endpoint)
     meta = fetcher.head(
         parsed.bucket, parsed.key, version_id, deadline=time.monotonic() + cfg.s3.deadline_s
@@ -122,16 +136,17 @@ def _check(report: _Report, cfg: Config, source: str, version_id: str | None) ->
         {"size": meta.size, "etag": meta.etag, "version_id": meta.version_id, "verify": checks},
         f"size={meta.size} etag={meta.etag} version_id={meta.version_id} verify={checks}",
     )
-    store = Store(cfg.cache.dir)
-    service = AssetService(cfg, fetcher, store)
-    service.set_catalog(catalog)
-    try:
-        started = time.perf_counter()
-        resolved = service.resolve(source, version_id)
-        took = time.perf_counter() - started
-    finally:
-        service.close()
-        store.close()
+    with contextlib.ExitStack() as stack:
+        cfg, store = _check_store(stack, report, cfg)
+        service = AssetService(cfg, fetcher, store)
+        service.set_catalog(catalog)
+        try:
+            started = time.perf_counter()
+            resolved = service.resolve(source, version_id)
+            took = time.perf_counter() - started
+        finally:
+            service.close()
+            store.close()
     report.add("result", resolved.to_dict() | {"seconds": round(took, 4)})
     if not report.as_json:
         _row("fetch", f"{resolved.cache} in {took:.3f}s")
@@ -181,11 +196,14 @@ def serve(config_path: str | None, grace: float) -> None:
     """Run the daemon in the foreground (systemd: Type=notify)."""
     from assetd import log
     from assetd.server import build_daemon
+    from assetd.store import CacheLocked
 
     cfg = _load(config_path)
     log.configure(cfg.log.format, cfg.log.level)
     try:
         daemon = build_daemon(cfg, grace_s=grace)
+    except CacheLocked as exc:
+        _fail(f"assetd: cannot start: {exc.strerror}", EXIT_CACHE_BUSY)
     except (ConfigError, AssetError) as exc:
         _fail(f"assetd: cannot start: {exc}", 2)
     try:
@@ -363,12 +381,41 @@ def stats(as_json: bool, socket_path: str | None) -> None:
         click.echo(f"{label:<{width}}  {value}")
 
 
-def _open_store(config_path: str | None) -> tuple[Config, Any]:
-    from assetd.store import Store
+EXIT_CACHE_BUSY = 4  # another process holds the cache and no daemon answered
 
-    cfg = _load(config_path)
+
+def _via_daemon(cfg: Config, socket_path: str | None, op: str) -> dict[str, Any] | None:
+    """Run a maintenance op in the daemon that holds the cache; None if none answers."""
+    path = socket_path or cfg.daemon.socket  # the config's, with ASSETD_SOCKET applied
+    with _client(path, timeout=30) as client:
+        try:
+            # recovery of a big cache, or verify reading every byte, takes long
+            reply = client.call({"op": op}, timeout=3600.0 if op == "gc" else 24 * 3600.0)
+        except DaemonUnreachable as exc:
+            if exc.denied:  # a daemon is there, but not for us: offline would be refused too
+                _unreachable(exc)
+            return None
+        except AssetError as exc:
+            _fail(f"{exc.code}: {exc.message}", 1)
+    if not reply.get("ok"):
+        err = AssetError.from_dict(reply.get("error") or {})
+        _fail(f"{err.code}: {err.message}", 1)
+    return reply
+
+
+def _open_store(cfg: Config, socket_path: str | None) -> Any:
+    """The cache, owned by this process (offline gc/verify); exits if another owns it."""
+    from assetd.store import CacheLocked, Store
+
     try:
-        return cfg, Store(cfg.cache.dir)
+        return Store(cfg.cache.dir, lock=True)
+    except CacheLocked as exc:
+        _fail(
+            f"assetd: {exc.strerror}, and no daemon answered on "
+            f"{socket_path or cfg.daemon.socket}; "
+            "try again once it has stopped",
+            EXIT_CACHE_BUSY,
+        )
     except AssetError as exc:
         _fail(f"assetd: cannot open the cache at {cfg.cache.dir}: {exc.message}", 2)
 
@@ -376,16 +423,44 @@ def _open_store(config_path: str | None) -> tuple[Config, Any]:
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def gc(config_path: str | None, as_json: bool) -> None:
-    """Run eviction now: recover the index, then evict LRU unpinned entries over the limits."""
-    cfg, store = _open_store(config_path)
-    try:
-        recovery = store.recover()
-        report = store.evict(max_bytes=cfg.cache.max_bytes, min_free_bytes=cfg.cache.min_free_bytes)
-    finally:
-        store.close()
+@_socket_option
+def gc(config_path: str | None, as_json: bool, socket_path: str | None) -> None:
+    """Run eviction now: recover the index, then evict LRU unpinned entries over the limits.
+
+    Runs inside the daemon when one holds the cache, else on the cache directly.
+    """
+    from assetd.store import EvictionReport, RecoveryReport
+
+    cfg = _load(config_path)
+    reply = _via_daemon(cfg, socket_path, "gc")
+    if reply is not None:
+        recovery = RecoveryReport(**reply["recovery"])
+        report = EvictionReport(**reply["eviction"])
+        pruned = int(reply.get("quarantine_removed", 0))
+    else:
+        store = _open_store(cfg, socket_path)
+        try:
+            recovery = store.recover()
+            report = store.evict(
+                max_bytes=cfg.cache.max_bytes, min_free_bytes=cfg.cache.min_free_bytes
+            )
+            pruned = store.prune_quarantine(
+                max_age_s=cfg.cache.quarantine_max_age_s,
+                max_bytes=cfg.cache.quarantine_max_bytes,
+            )
+        finally:
+            store.close()
     if as_json:
-        click.echo(json.dumps({"recovery": recovery.to_dict(), "eviction": report.to_dict()}))
+        click.echo(
+            json.dumps(
+                {
+                    "recovery": recovery.to_dict(),
+                    "eviction": report.to_dict(),
+                    "quarantine_removed": pruned,
+                    "via": "daemon" if reply is not None else "offline",
+                }
+            )
+        )
     else:
         click.echo(
             f"freed {report.freed_bytes} bytes: {report.removed_entries} entries, "
@@ -404,13 +479,25 @@ def gc(config_path: str | None, as_json: bool) -> None:
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def verify(config_path: str | None, as_json: bool) -> None:
-    """Re-hash every blob; quarantine mismatches; exit 1 if any were found."""
-    _cfg, store = _open_store(config_path)
-    try:
-        report = store.verify()
-    finally:
-        store.close()
+@_socket_option
+def verify(config_path: str | None, as_json: bool, socket_path: str | None) -> None:
+    """Re-hash every blob; quarantine mismatches; exit 1 if any were found.
+
+    Runs inside the daemon when one holds the cache, else on the cache directly.
+    """
+    from assetd.store import VerifyReport
+
+    cfg = _load(config_path)
+    reply = _via_daemon(cfg, socket_path, "verify")
+    if reply is not None:
+        fields = VerifyReport.__dataclass_fields__
+        report = VerifyReport(**{k: v for k, v in reply.items() if k in fields})
+    else:
+        store = _open_store(cfg, socket_path)
+        try:
+            report = store.verify()
+        finally:
+            store.close()
     if as_json:
         click.echo(json.dumps(report.to_dict()))
     else:
@@ -424,11 +511,19 @@ def verify(config_path: str | None, as_json: bool) -> None:
 
 
 def _redact(value: object) -> object:
-    """Userinfo in a URL (https://user:secret@host) is the one way a secret could appear."""
-    if isinstance(value, str) and "://" in value and "@" in value.split("://", 1)[1].split("/")[0]:
-        scheme, rest = value.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return value
+    """A URL without its userinfo (``https://user:secret@host`` -> ``https://***@host``).
+
+    Userinfo is the one way a secret could appear in the config. It is cut
+    at the LAST ``@``, whatever the password holds (``/``, ``@``, ``:``,
+    ``#``, ``?``), so nothing of it survives; an ``@`` in a path would be
+    over-redacted, which is harmless.
+    """
+    if not isinstance(value, str) or "://" not in value:
+        return value
+    scheme, rest = value.split("://", 1)
+    if "@" not in rest:
+        return value
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
 
 
 @cli.command("config")

@@ -42,6 +42,7 @@ class DaemonUnreachable(Unavailable):
         hint = "is this user in the socket's group?" if denied else "is the service running?"
         super().__init__(f"cannot reach assetd at {socket_path}: {reason}; {hint}", detail=reason)
         self.socket_path = socket_path
+        self.denied = denied
 
 
 def _prefetch_item(

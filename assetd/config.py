@@ -61,6 +61,8 @@ class DaemonConfig:
     allowed_uids: tuple[int, ...] = ()
     allowed_gids: tuple[int, ...] = ()
     workers: int = 8
+    admin_uids: tuple[int, ...] = ()
+    admin_gids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,8 @@ class CacheConfig:
     revalidate_after_s: float = 60.0
     serve_stale_on_error: bool = True
     negative_ttl_s: float = 10.0
+    quarantine_max_age_s: float = 7 * 86400.0
+    quarantine_max_bytes: int = 1 << 30
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +90,8 @@ class S3Config:
     read_timeout_s: float = 30.0
     max_attempts: int = 5
     deadline_s: float = 120.0
+    part_size: int = 4 << 20
+    max_concurrency: int = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,6 +194,16 @@ def _int(v: object) -> int:
     return v
 
 
+def _bounded(conv: Callable[[object], int], low: int, high: int) -> Callable[[object], int]:
+    def check(v: object) -> int:
+        n = conv(v)
+        if not low <= n <= high:
+            raise ValueError(f"must be between {low} and {high}")
+        return n
+
+    return check
+
+
 def _bool(v: object) -> bool:
     if isinstance(v, bool):
         return v
@@ -241,6 +257,8 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "daemon.allowed_uids": _list(_int),
     "daemon.allowed_gids": _list(_int),
     "daemon.workers": lambda v: int(_positive(_int)(v)),
+    "daemon.admin_uids": _list(_int),
+    "daemon.admin_gids": _list(_int),
     "cache.dir": _text,
     "cache.max_bytes": _positive(parse_size),
     "cache.min_free_bytes": parse_size,
@@ -248,6 +266,8 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "cache.revalidate_after_s": _number,
     "cache.serve_stale_on_error": _bool,
     "cache.negative_ttl_s": _number,
+    "cache.quarantine_max_age_s": _number,
+    "cache.quarantine_max_bytes": parse_size,
     "s3.endpoint_url": _opt_text,
     "s3.region": _opt_text,
     "s3.addressing_style": _choice("auto", "path", "virtual"),
@@ -258,6 +278,8 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "s3.read_timeout_s": _positive(_number),
     "s3.max_attempts": lambda v: int(_positive(_int)(v)),
     "s3.deadline_s": _positive(_number),
+    "s3.part_size": _bounded(parse_size, 1 << 20, 5 << 30),
+    "s3.max_concurrency": _bounded(_int, 1, 64),
     "local.root": _opt_text,
     "log.format": _choice("auto", "json", "console"),
     "log.level": _choice("debug", "info", "warning", "error"),

@@ -535,7 +535,9 @@ def tar_stream(assets: Iterable[ResolvedAsset], *, chunk_size: int = 1 << 20) ->
     """A tar archive of the assets at their targets (paths relative to /), streamed.
 
     For sandboxes that already exist (pre-warmed pools): feed it to
-    ``container.put_archive("/", tar_stream(...))`` or to ``tar -x -C /``.
+    ``tar -x -C /`` inside the sandbox; ``assetd.grader_docker.inject`` does
+    that for Docker. Not to ``put_archive``: it writes below a tmpfs mounted
+    over the target's directory, where the sandbox never sees the file.
     Read-only assets get mode 0444, writable ones 0644. Written by hand
     rather than through ``tarfile``, which would buffer a whole member:
     memory stays at one chunk whatever the asset sizes.

@@ -23,15 +23,26 @@ from __future__ import annotations
 
 import atexit
 import logging
+import re
 import sys
 import threading
 from typing import Any, TextIO
 
 import structlog
 
-__all__ = ["LIBRARY_LOGGER", "configure", "flush", "get_logger"]
+__all__ = ["LIBRARY_LOGGER", "configure", "flush", "get_logger", "redact_urls"]
 
 LIBRARY_LOGGER = "assetd"
+
+# userinfo of an http(s) URL, up to the token's LAST "@": a password may hold
+# "/", "@", ":" or an escaped quote, and none of it may reach a log line
+_USERINFO = re.compile(r"(https?://)(?:[^\s\"'\\]|\\.)*@", re.IGNORECASE)
+
+
+def redact_urls(text: str) -> str:
+    """``text`` with the userinfo of every http(s) URL replaced by ``***``."""
+    return _USERINFO.sub(r"\1***@", text)
+
 
 FLUSH_EVERY_S = 0.2
 _LEVELS = {
@@ -83,10 +94,14 @@ class _Logger:
 
     def _plain(self, message: str) -> None:
         if _sinks:
+            if "@" in message and "://" in message:
+                message = redact_urls(message)
             _sinks[0].add(message + "\n", urgent=False)
 
     def _urgent(self, message: str) -> None:
         if _sinks:
+            if "@" in message and "://" in message:
+                message = redact_urls(message)
             _sinks[0].add(message + "\n", urgent=True)
 
     debug = info = msg = _plain

@@ -145,6 +145,31 @@ class _Collector(Collector):
                 buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
             hist.add_metric([op, outcome], buckets, h.total)
         yield hist
+        yield from _background_metrics(s)
+
+
+def _background_metrics(s: dict[str, Any]) -> Iterator[Any]:
+    """Background tasks and quarantine (issue 11): a task that fails shows here."""
+    ok = GaugeMetricFamily(
+        "assetd_background_ok", "1 if the task's last run succeeded", labels=["task"]
+    )
+    failures = CounterMetricFamily(
+        "assetd_background_failures", "Failed runs of a background task", labels=["task"]
+    )
+    for task, state in sorted(s.get("background", {}).items()):
+        ok.add_metric([task], 1.0 if state["ok"] else 0.0)
+        failures.add_metric([task], state["total_failures"])
+    yield ok
+    yield failures
+    yield GaugeMetricFamily(
+        "assetd_pins_refused",
+        "1 while resolves are refused: pins cannot be recorded",
+        value=1.0 if s.get("pins_refused") else 0.0,
+    )
+    quarantine = s.get("quarantine", {})
+    yield GaugeMetricFamily(
+        "assetd_quarantine_bytes", "Bytes in quarantine/", value=quarantine.get("bytes", 0)
+    )
 
 
 def _loopback(listen: str) -> tuple[str, int]:

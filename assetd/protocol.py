@@ -31,7 +31,7 @@ __all__ = [
 ]
 
 MAX_LINE = 64 * 1024
-OPS = ("ping", "resolve", "prefetch", "stats")
+OPS = ("ping", "resolve", "prefetch", "stats", "gc", "verify")
 MAX_PREFETCH = 10_000
 
 RequestId = str | int | None

@@ -21,13 +21,16 @@ import signal
 import socket
 import stat
 import struct
+import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
 from assetd import __version__, systemd
+from assetd.background import Background
 from assetd.catalog import catalog_path, load_catalog
 from assetd.config import Config, load_config
 from assetd.errors import AssetError, BadRequest, ConfigError, Forbidden, InternalError, Timeout
@@ -52,6 +55,7 @@ __all__ = ["Daemon", "bind_socket"]
 
 log = get_logger("assetd.server")
 _PEERCRED = struct.Struct("3i")
+MAINTENANCE_OPS = frozenset({"gc", "verify"})
 _MAX_PIPELINED = 64  # answers owed on one connection before we stop reading it
 FLUSH_EVERY_S = 1.0
 EVICT_EVERY_TICKS = 30  # flushes between checks of the limits outside a fetch
@@ -123,6 +127,7 @@ class _Connection(asyncio.Protocol):
         self.owed: deque[asyncio.Future[bytes]] = deque()
         self.transport: asyncio.Transport | None = None
         self.allowed = True
+        self.peer = (0, -1, -1)  # pid, uid, gid from SO_PEERCRED
         self.closing = False
         self.paused = False
 
@@ -138,6 +143,7 @@ class _Connection(asyncio.Protocol):
             )
         except OSError:
             pid, uid, gid = 0, -1, -1
+        self.peer = (pid, uid, gid)
         self.allowed = self.daemon.peer_allowed(pid, uid, gid)
         if not self.allowed:
             log.warning("peer refused", pid=pid, uid=uid, gid=gid)
@@ -243,6 +249,10 @@ class _Connection(asyncio.Protocol):
             self._answer_now(ok_response(req.id, {"version": __version__}))
         elif req.op == "resolve":
             self._resolve(req, started)
+        elif req.op in MAINTENANCE_OPS and not daemon.admin_allowed(*self.peer):
+            refused = Forbidden(f"op '{req.op}' needs an admin uid or gid (daemon.admin_uids)")
+            daemon.count_error(refused.code)
+            self._answer_now(error_response(req.id, refused))
         else:
             self._owe(daemon.offload(req, started))
 
@@ -283,11 +293,14 @@ class Daemon:
             max(8, 2 * config.daemon.workers), thread_name_prefix="assetd-prefetch"
         )
         self.in_flight = 0
+        self._maintenance = threading.Lock()
+        self._stopping = threading.Event()
+        self.watcher: Watcher | None = None
+        self.background = Background()
         self._idle = asyncio.Event()
         self._stop: asyncio.Event | None = None
         self._socket_path: str | None = None
         self._socket_ino: int | None = None
-        self._watcher: Watcher | None = None
         self.export = PrometheusExport(
             self.stats, self.metrics, listen=config.metrics.listen, textfile=config.metrics.textfile
         )
@@ -298,6 +311,15 @@ class Daemon:
         uids, gids = self.config.daemon.allowed_uids, self.config.daemon.allowed_gids
         if not uids and not gids:
             return True  # the socket's mode and group are the gate
+        if uid in uids or gid in gids:
+            return True
+        return bool(gids) and bool(_peer_groups(pid) & set(gids))
+
+    def admin_allowed(self, pid: int, uid: int, gid: int) -> bool:
+        """May this peer run gc/verify? root and the daemon's own user always may."""
+        if uid == 0 or uid == os.geteuid():
+            return True
+        uids, gids = self.config.daemon.admin_uids, self.config.daemon.admin_gids
         if uid in uids or gid in gids:
             return True
         return bool(gids) and bool(_peer_groups(pid) & set(gids))
@@ -365,6 +387,10 @@ class Daemon:
                 body = self.stats()
                 self.metrics.observe("stats", "ok", time.perf_counter() - started)
                 return encode(ok_response(req.id, body))
+            if req.op in MAINTENANCE_OPS:
+                body = self.maintenance(req.op)
+                self.metrics.observe(req.op, "ok", time.perf_counter() - started)
+                return encode(ok_response(req.id, body))
             raise BadRequest(f"unknown op '{req.op}'")
         except AssetError as err:
             return encode(error_response(req.id, err))
@@ -414,8 +440,32 @@ class Daemon:
         self.metrics.observe("prefetch", "ok", time.perf_counter() - started)
         return ok_response(req.id, {"results": results})
 
+    def maintenance(self, op: str) -> dict[str, Any]:
+        """``gc`` or ``verify`` on the daemon's own store: pins and live downloads are seen."""
+        store = self.service.store
+        with self._maintenance:  # one at a time; a second waits rather than doubling the I/O
+            if op == "verify":
+                report = store.verify()
+                log.info("verify", **report.to_dict())
+                return report.to_dict()
+            cache = self.config.cache
+            recovery = store.recover()
+            eviction = store.evict(max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes)
+            pruned = store.prune_quarantine(
+                max_age_s=cache.quarantine_max_age_s, max_bytes=cache.quarantine_max_bytes
+            )
+            body = {
+                "recovery": recovery.to_dict(),
+                "eviction": eviction.to_dict(),
+                "quarantine_removed": pruned,
+            }
+            log.info("gc", **eviction.to_dict(), quarantine_removed=pruned)
+            return body
+
     def stats(self) -> dict[str, Any]:
-        entries, size = self.service.store.totals()
+        store = self.service.store
+        entries, size = store.totals()
+        q_files, q_bytes = store.quarantine_usage()
         c, errors = self.service.snapshot()
         return {
             "entries": entries,
@@ -436,6 +486,10 @@ class Daemon:
             "version": __version__,
             "latency": self.metrics.summary(),
             "aliases": self.service.alias_counts(),
+            "last_flush_ok": self.background.state("flush").last_ok,
+            "pins_refused": None if store.pin_fault is None else store.pin_fault.detail,
+            "quarantine": {"files": q_files, "bytes": q_bytes},
+            "background": self.background.snapshot(),
         }
 
     # -- lifecycle ----------------------------------------------------------------
@@ -489,8 +543,8 @@ class Daemon:
             log.error("catalog reload failed; keeping the running catalog", error=str(exc))
             return
         self.service.set_catalog(catalog)
-        if path and self._watcher is not None:
-            self._watcher.watch_file(path, self._reload_soon)
+        if path and self.watcher is not None:
+            self.watcher.watch_file(path, self._reload_soon)
         log.info("catalog loaded", file=path, entries=len(catalog.entries) if catalog else 0)
 
     def _listen(self) -> socket.socket:
@@ -533,16 +587,12 @@ class Daemon:
             self.loop.add_signal_handler(sig, self._stop.set)
         self.loop.add_signal_handler(signal.SIGHUP, self.reload)
         self.export.start()
-        watcher = Watcher(
-            self.service.store,
-            self.config.path,
-            self._reload_soon,
-        )
-        watcher.start()
-        self._watcher = watcher
-        path = catalog_path(self.config.catalog.file, self.config.path)
-        if path:
-            watcher.watch_file(path, self._reload_soon)  # saving the catalog reloads it too
+        try:
+            self.watcher = self._start_watcher()
+        except Exception as exc:  # e.g. out of inotify watches: serve anyway, retry later
+            self.background.failed("watcher", exc)
+        else:
+            self.background.ok("watcher")
         tasks = [asyncio.ensure_future(self._flush_loop())]
         interval = systemd.watchdog_interval()
         if interval:
@@ -577,48 +627,102 @@ class Daemon:
         await asyncio.sleep(0)
         for task in tasks:
             task.cancel()
-        watcher.stop()
+        self._stopping.set()
+        if self.watcher is not None:
+            self.watcher.stop()
         with contextlib.suppress(Exception):
             await asyncio.wait_for(recovery, 30)
-        await self.loop.run_in_executor(None, self._close)
+        code = await self.loop.run_in_executor(None, self._close)
         log.info("stopped")
         flush_logs()
-        return 0
+        return code
 
-    def _close(self) -> None:
+    def _start_watcher(self) -> Watcher:
+        watcher = Watcher(self.service.store, self.config.path, self._reload_soon)
+        watcher.start()
+        path = catalog_path(self.config.catalog.file, self.config.path)
+        if path:
+            watcher.watch_file(path, self._reload_soon)  # saving the catalog reloads it too
+        return watcher
+
+    def _close(self) -> int:
+        """Release everything; a failing disk gives one clear line and status 1, no traceback."""
         self.export.stop()
         self.requests.shutdown(wait=True, cancel_futures=True)
         self.prefetches.shutdown(wait=True, cancel_futures=True)
         self.service.close()
-        self.service.store.close()
+        try:
+            self.service.store.close()
+        except Exception as exc:
+            # committed rows are already durable (each commit is its own transaction);
+            # only access times and pins of the last second are lost
+            log.error("could not write pins to the index at exit", error=str(exc))
+            return 1
+        return 0
 
     def _reload_soon(self) -> None:
         """From the watchdog's thread: reload on the loop, as SIGHUP does."""
         self.loop.call_soon_threadsafe(self.reload)
 
     def _recover(self) -> None:
-        try:
-            report = self.service.store.recover()
-        except Exception:
-            log.exception("cache recovery failed")
+        """Start-up recovery, retried with backoff until it succeeds or the daemon stops."""
+        while True:
+            try:
+                report = self.service.store.recover()
+            except Exception as exc:
+                delay = self.background.failed("recovery", exc)
+                if self._stopping.wait(delay):
+                    return
+                continue
+            self.background.ok("recovery")
+            log.info("cache recovered", **report.to_dict())
             return
-        log.info("cache recovered", **report.to_dict())
 
     def _housekeeping(self) -> None:
         """Keep the cache within its limits even when other tenants fill the disk."""
-        store = self.service.store
+        store, cache = self.service.store, self.config.cache
         if store.recovered.is_set():
-            cache = self.config.cache
             store.evict(max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes)
+        store.sweep_tmp()
+        store.prune_quarantine(
+            max_age_s=cache.quarantine_max_age_s, max_bytes=cache.quarantine_max_bytes
+        )
 
     async def _flush_loop(self) -> None:
-        ticks = 0
+        """Pins to the index every second; eviction and the watcher's health every 30."""
+        delay = FLUSH_EVERY_S
+        every = FLUSH_EVERY_S * EVICT_EVERY_TICKS  # on the clock: failing flushes back off
+        next_housekeeping = self.loop.time() + every
         while True:
-            await asyncio.sleep(FLUSH_EVERY_S)
-            await self.loop.run_in_executor(None, self.service.store.flush)
-            ticks += 1
-            if ticks % EVICT_EVERY_TICKS == 0:
-                await self.loop.run_in_executor(None, self._housekeeping)
+            await asyncio.sleep(delay)
+            try:
+                await self.loop.run_in_executor(None, self.service.store.flush)
+            except Exception as exc:  # the store now refuses new pins until a flush succeeds
+                # retried at least every 5 s: resolves are refused until it works
+                delay = min(5.0, self.background.failed("flush", exc))
+            else:
+                self.background.ok("flush")
+                delay = FLUSH_EVERY_S
+            if self.loop.time() >= next_housekeeping:
+                next_housekeeping = self.loop.time() + every
+                await self._background_step("housekeeping", self._housekeeping)
+                await self._background_step("watcher", self._check_watcher)
+
+    async def _background_step(self, task: str, step: Callable[[], None]) -> None:
+        try:
+            await self.loop.run_in_executor(None, step)
+        except Exception as exc:  # retried at the next tick; never ends the loop
+            self.background.failed(task, exc)
+        else:
+            self.background.ok(task)
+
+    def _check_watcher(self) -> None:
+        """Restart the watcher if its thread died or never started."""
+        if self.watcher is None or not self.watcher.alive():
+            if self.watcher is not None:
+                self.watcher.stop()
+            self.watcher = None
+            self.watcher = self._start_watcher()
 
     async def _watchdog(self, interval: float) -> None:
         while True:
@@ -647,7 +751,7 @@ def build_daemon(config: Config, *, grace_s: float = 10.0) -> Daemon:
 
     path = catalog_path(config.catalog.file, config.path)
     catalog = load_catalog(path) if path else None  # invalid: start fails, naming the entry
-    store = Store(config.cache.dir)
+    store = Store(config.cache.dir, lock=True)  # raises CacheLocked if another owns it
     fetcher = S3Fetcher(config.s3, max_connections=max(16, config.daemon.workers * 2))
     service = AssetService(config, fetcher, store)
     service.set_catalog(catalog)

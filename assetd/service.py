@@ -30,7 +30,7 @@ from assetd.errors import (
     TransientError,
     UnsupportedScheme,
 )
-from assetd.fetcher.base import Fetcher, ObjectMeta
+from assetd.fetcher.base import Fetcher, ObjectMeta, PartResponse
 from assetd.log import get_logger
 from assetd.pins import check_sha256
 from assetd.policy import Policy
@@ -43,6 +43,7 @@ __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
 log = get_logger("assetd.service")
 _COUNTER = {"hit": "hits", "miss": "misses", "coalesced": "coalesced", "stale": "stale"}
+NULL_VERSION = "null"  # S3's id for the unversioned slot of a key
 _NEGATIVE_MAX = 10_000  # negative-cache rows; a flood of bad keys cannot grow memory
 
 
@@ -96,9 +97,13 @@ class AssetService:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     def reconfigure(self, config: Config) -> None:
-        """Apply reloadable settings (allowlists, limits, freshness) from a new config."""
+        """Apply reloadable settings (allowlists, limits, freshness, S3) from a new config."""
         self.config = config
         self.policy = config.policy()
+        fetcher = self.fetcher.reconfigured(config.s3)
+        if fetcher is not self.fetcher:
+            old, self.fetcher = self.fetcher, fetcher
+            old.close()  # idle connections only: downloads in flight finish on it
         with self._lock:
             self._negative.clear()  # a new allowlist or new credentials may change the answer
 
@@ -248,12 +253,11 @@ class AssetService:
 
     def _fresh(self, ask: _Ask, hit: Hit, now: float) -> bool:
         ask.policy.check_size(hit.entry.size)  # a limit lowered by reload applies to hits too
-        if ask.sha256 is not None and hit.entry.sha256 != ask.sha256 and ask.version_id is None:
+        # "null" names the unversioned slot, which an overwrite replaces: not immutable
+        immutable = ask.version_id is not None and ask.version_id != NULL_VERSION
+        if ask.sha256 is not None and hit.entry.sha256 != ask.sha256 and not immutable:
             return False  # the pin names other content: only S3 can say what is current now
-        return (
-            ask.version_id is not None
-            or now - hit.checked_at < self.config.cache.revalidate_after_s
-        )
+        return immutable or now - hit.checked_at < self.config.cache.revalidate_after_s
 
     def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved | None:
         """The answer for ``entry``, pinned; None if it was evicted or quarantined meanwhile."""
@@ -302,45 +306,58 @@ class AssetService:
                     return answer
             self._check_negative(ask.flight_key)
         hit = self.store.lookup(bucket, key, ask.version_id)
-        meta: ObjectMeta | None = None
-        if hit is not None:
-            if self._fresh(ask, hit, time.time()):
-                return self._serve(ask, hit.entry, hit.path, "hit")
-            try:
-                meta = self.fetcher.revalidate(bucket, key, hit.entry.etag, deadline=deadline)
-            except TransientError:
-                if not self.config.cache.serve_stale_on_error or ask.sha256 is not None:
-                    raise  # a pinned request never gets other bytes, stale or not
-                # S3 unreachable: the copy we verified earlier beats failing a grade
-                log.warning("serving stale copy", source=ask.text, sha256=hit.entry.sha256)
-                return self._serve(ask, hit.entry, hit.path, "stale")
-            if meta is None or meta.etag == hit.entry.etag:  # None: 304, unchanged
-                self.store.mark_checked(bucket, key)
-                answer = self._serve(ask, hit.entry, hit.path, "hit")
-                if answer is not None:
-                    return answer
-                meta = None  # evicted while we asked S3: fetch it again
-        (entry, path), shared = self._flight.do(
-            ask.flight_key,
-            lambda: self._fetch(ask, meta),
-            timeout=max(0.0, deadline - time.monotonic()),
-        )
-        return self._serve(ask, entry, path, "coalesced" if shared else "miss")
+        # the first part of a changed object, from the revalidating GET: handed to
+        # the fetch so the new bytes need no second round trip, else closed below
+        first: list[PartResponse] = []
+        try:
+            if hit is not None:
+                if self._fresh(ask, hit, time.time()):
+                    return self._serve(ask, hit.entry, hit.path, "hit")
+                try:
+                    # a version_id here is the literal "null": the unversioned slot
+                    changed = self.fetcher.revalidate(
+                        bucket, key, hit.entry.etag, deadline=deadline, version_id=ask.version_id
+                    )
+                except TransientError:
+                    if not self.config.cache.serve_stale_on_error or ask.sha256 is not None:
+                        raise  # a pinned request never gets other bytes, stale or not
+                    # S3 unreachable: the copy we verified earlier beats failing a grade
+                    log.warning("serving stale copy", source=ask.text, sha256=hit.entry.sha256)
+                    return self._serve(ask, hit.entry, hit.path, "stale")
+                if changed is not None:
+                    first.append(changed)
+                if changed is None or changed.meta.etag == hit.entry.etag:  # None: 304
+                    self.store.mark_checked(bucket, key, ask.version_id)
+                    answer = self._serve(ask, hit.entry, hit.path, "hit")
+                    if answer is not None:
+                        return answer
+                    # evicted while we asked S3: fetch it again
+            (entry, path), shared = self._flight.do(
+                ask.flight_key,
+                lambda: self._fetch(ask, first.pop() if first else None),
+                timeout=max(0.0, deadline - time.monotonic()),
+            )
+            return self._serve(ask, entry, path, "coalesced" if shared else "miss")
+        finally:
+            while first:
+                first.pop().close()
 
-    def _fetch(self, ask: _Ask, meta: ObjectMeta | None) -> tuple[Entry, Path]:
+    def _fetch(self, ask: _Ask, first: PartResponse | None) -> tuple[Entry, Path]:
         # the download has its own deadline: waiters may give up, the cache still fills
         deadline = time.monotonic() + self.config.s3.deadline_s
-        bucket, key = ask.source.bucket, ask.source.key
-        if meta is None:
-            meta = self.fetcher.head(bucket, key, ask.version_id, deadline=deadline)
-        ask.policy.check_size(meta.size)  # before making room: a refusal evicts nothing
         cache = self.config.cache
-        with (
-            self.store.reserve(
-                meta.size, max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes
-            ),
-            self.store.staged() as staged,
-        ):
+        with contextlib.ExitStack() as room, self.store.staged() as staged:
+
+            def reserve(meta: ObjectMeta) -> None:
+                """The first response gave the size: refuse or make room before writing."""
+                ask.policy.check_size(meta.size)  # before making room: a refusal evicts nothing
+                room.close()  # a restart (object changed) reserves again for the new size
+                room.enter_context(
+                    self.store.reserve(
+                        meta.size, max_bytes=cache.max_bytes, min_free_bytes=cache.min_free_bytes
+                    )
+                )
+
             fetched = self.fetcher.fetch(
                 ask.source.bucket,
                 ask.source.key,
@@ -348,7 +365,8 @@ class AssetService:
                 staged,
                 max_bytes=ask.policy.max_object_bytes,
                 deadline=deadline,
-                meta=meta,
+                first=first,
+                on_meta=reserve,
             )
             self._count("bytes_fetched", fetched.size)
             return self.store.commit(

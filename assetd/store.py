@@ -3,9 +3,20 @@
 Layout under the cache dir (DESIGN.md "Cache")::
 
     blobs/sha256/<2 hex>/<64 hex>   mode 0444, the bytes bind-mounted into sandboxes
-    tmp/                            staged downloads; emptied on open
+    tmp/                            staged downloads, blob-<pid>-<random>.part
     quarantine/                     blobs whose bytes changed under us, kept for inspection
     index/                          diskcache (SQLite) rows
+    lock                            flock held by the one process that owns the cache
+    headroom                        1 MiB kept allocated so pins can be written on a full disk
+
+Ownership: the daemon, and ``gc``/``verify`` when no daemon runs, open the
+store with ``lock=True``: an exclusive ``flock`` on ``lock`` for as long as
+the store is open, so two processes can never both act as the owner (a
+second one gets :class:`CacheLocked`). Temp files carry their process's
+pid; opening a store (and the daemon's housekeeping) removes only those of
+processes that are gone or that were not written to for ``TEMP_GRACE_S``,
+so it never takes a live download's file. Passes that delete files run
+only under the lock.
 
 Commit order, as in diskcache: write the blob under a unique temp name,
 fsync, rename into place, and only then write the index row. The row is
@@ -31,9 +42,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import hashlib
 import os
 import shutil
+import sqlite3
 import tempfile
 import threading
 import time
@@ -44,10 +57,11 @@ from typing import Any
 
 import diskcache
 
-from assetd.errors import CacheFull, InternalError
+from assetd.errors import AssetError, CacheFull, InternalError
 from assetd.log import get_logger
 
 __all__ = [
+    "CacheLocked",
     "Entry",
     "EvictionReport",
     "Hit",
@@ -60,6 +74,8 @@ __all__ = [
 log = get_logger("assetd.store")
 Fingerprint = tuple[int, int, int, int]
 _WRITEBACK_EVERY = 1 << 20
+HEADROOM_BYTES = 1 << 20  # kept allocated so promised pins can be written on a full disk
+TEMP_GRACE_S = 600.0  # a temp file of a live pid untouched this long is a leftover
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -82,10 +98,53 @@ def _fingerprint(st: os.stat_result) -> Fingerprint:
     return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
 
 
+def _is_full(exc: BaseException) -> bool:
+    if isinstance(exc, OSError):
+        return exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    return isinstance(exc, sqlite3.OperationalError) and "full" in str(exc)
+
+
+def _index_error(exc: BaseException, what: str) -> AssetError:
+    """An index (SQLite) or disk failure as the retryable error a client sees."""
+    if isinstance(exc, AssetError):
+        return exc
+    if _is_full(exc):
+        return CacheFull("no room left in the asset cache", detail=f"{what}: {exc}")
+    return InternalError("asset cache I/O error", detail=f"{what}: {exc}")
+
+
 def _disk_error(exc: OSError, what: str) -> Exception:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CacheFull("no room left in the asset cache", detail=f"{what}: {exc}")
     return InternalError("asset cache I/O error", detail=f"{what}: {exc}")
+
+
+class CacheLocked(OSError):
+    """Another process owns the cache (holds ``<cache>/lock``); never sent on the wire."""
+
+    def __init__(self, root: Path, holder: int | None) -> None:
+        who = f"process {holder}" if holder else "another process"
+        super().__init__(errno.EWOULDBLOCK, f"the cache at {root} is in use by {who}")
+        self.root = root
+        self.holder = holder
+
+
+def _pid_of_temp(name: str) -> int | None:
+    """The pid in a ``blob-<pid>-<random>.part`` name, or None for any other name."""
+    parts = name.split("-", 2)
+    if len(parts) == 3 and parts[0] == "blob" and parts[1].isdigit():
+        return int(parts[1])
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,32 +217,57 @@ class StagedBlob:
 
     def __init__(self, tmp_dir: Path) -> None:
         try:
-            self.fd, name = tempfile.mkstemp(prefix="blob-", suffix=".part", dir=tmp_dir)
+            # the pid in the name lets a non-owner tell a live download's file from a leftover
+            self.fd, name = tempfile.mkstemp(
+                prefix=f"blob-{os.getpid()}-", suffix=".part", dir=tmp_dir
+            )
         except OSError as exc:
             raise _disk_error(exc, "create temp file") from exc
         self.path = Path(name)
         self.size = 0
-        self._synced_to = 0
+        self._end = 0  # where write() appends
         self.sealed = False
 
-    def write(self, data: memoryview) -> None:
+    def allocate(self, size: int) -> None:
+        """Reserve ``size`` bytes on disk up front: parts land at their offsets, ENOSPC early."""
+        try:
+            os.ftruncate(self.fd, size)
+            if size:
+                os.posix_fallocate(self.fd, 0, size)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.size = size  # a file system without fallocate: ENOSPC comes at write
+                return
+            raise _disk_error(exc, "allocate temp file") from exc
+        self.size = size
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
         try:
             view = data
             while view:
-                view = view[os.write(self.fd, view) :]
+                view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)) :]
         except OSError as exc:
             raise _disk_error(exc, "write temp file") from exc
-        self.size += len(data)
-        if _sync_file_range is not None and self.size - self._synced_to >= _WRITEBACK_EVERY:
-            _sync_file_range(
-                self.fd, self._synced_to, self.size - self._synced_to, _SYNC_FILE_RANGE_WRITE
-            )
-            self._synced_to = self.size
+        if _sync_file_range is not None and len(data) >= _WRITEBACK_EVERY // 4:
+            # start writeback of these bytes so the final fsync has little left
+            _sync_file_range(self.fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+
+    def pread(self, buf: memoryview, offset: int) -> int:
+        """Read back bytes already written (from the page cache) for hashing."""
+        try:
+            return os.preadv(self.fd, [buf], offset)
+        except OSError as exc:
+            raise _disk_error(exc, "read temp file") from exc
+
+    def write(self, data: memoryview) -> None:
+        """Append (sequential writers, e.g. tests and tools)."""
+        self.pwrite(data, self._end)
+        self._end += len(data)
+        self.size = max(self.size, self._end)
 
     def reset(self) -> None:
         os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        self.size = self._synced_to = 0
+        self.size = self._end = 0
         self.sealed = False
 
     def seal(self) -> None:
@@ -214,10 +298,12 @@ class Store:
     :meth:`flush` (the daemon calls it every second, and on exit). Every
     other write goes to the index at once. Several processes may share the
     cache: a row another process changes is re-read here only after a miss,
-    and the blob's stat fingerprint guards every hit either way.
+    and the blob's stat fingerprint guards every hit either way. Passes that
+    delete (recovery, eviction, verify) run only while holding the cache's
+    lock, so never beside another owner's downloads and pins.
     """
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
+    def __init__(self, root: str | os.PathLike[str], *, lock: bool = False) -> None:
         self.root = Path(root)
         self.blobs = self.root / "blobs" / "sha256"
         self.tmp = self.root / "tmp"
@@ -227,14 +313,26 @@ class Store:
                 d.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise _disk_error(exc, f"create {self.root}") from exc
-        self.removed_temps = self._clear_tmp()
-        self.index = diskcache.Cache(str(self.root / "index"), eviction_policy="none")
+        self._lock_fd: int | None = self._take_lock() if lock else None
+        try:
+            self._staging: set[Path] = set()  # temp files of this store's downloads in flight
+            self.removed_temps = self._clear_tmp(owner=lock)
+            self._headroom = self.root / "headroom"
+            self._headroom_ok = self._make_headroom()
+            # set while pins cannot be recorded: touch() raises it instead of pinning
+            self.pin_fault: AssetError | None = None
+            self.index = diskcache.Cache(str(self.root / "index"), eviction_policy="none")
+        except BaseException:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+            raise
         self._lock = threading.RLock()
         self._rows: dict[tuple[str, ...], Any] = {}
         self._dirty: set[tuple[str, ...]] = set()
         # access time and pin per obj row; kept apart so a hit allocates nothing
         self._pins: dict[tuple[str, ...], tuple[float, float]] = {}
         self._paths: dict[str, Path] = {}
+        self._checked: dict[tuple[str, ...], float] = {}  # last S3 check of a version row
         self._totals: list[int] | None = None  # [entries, bytes], counted on first use
         self._reserved = 0  # bytes of downloads in flight, counted against the limits
         self._recovery_lock = threading.Lock()
@@ -242,18 +340,89 @@ class Store:
         self.recovery: RecoveryReport | None = None
 
     def close(self) -> None:
-        self.flush()
-        self.index.close()
+        try:
+            self.flush()
+            self.index.close()
+        finally:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # closing the last fd releases the flock
+                self._lock_fd = None
 
-    def _clear_tmp(self) -> int:
-        """Remove staged files a crash left behind; none of them were committed."""
+    @property
+    def owner(self) -> bool:
+        """True if this store holds the cache's lock."""
+        return self._lock_fd is not None
+
+    def _take_lock(self) -> int:
+        path = self.root / "lock"
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            raise _disk_error(exc, f"open {path}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                holder = int(os.pread(fd, 32, 0).split()[0])
+            except (OSError, ValueError, IndexError):
+                holder = None
+            os.close(fd)
+            raise CacheLocked(self.root, holder) from None
+        with contextlib.suppress(OSError):  # the pid is only for the message above
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Hold the cache for one destructive pass (recovery, eviction, verify).
+
+        The owner holds it already. Any other store takes the lock for the
+        pass, or raises :class:`CacheLocked`: a pass that deletes files must
+        never run beside another process's live downloads and pins.
+        """
+        if self._lock_fd is not None:
+            yield
+            return
+        fd = self._take_lock()
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def _clear_tmp(self, *, owner: bool) -> int:
+        """Remove staged files a crash left behind; none of them were committed.
+
+        Kept: this store's own downloads in progress; files of another live
+        process written to within ``TEMP_GRACE_S`` (a pid can be reused, so
+        an old file of a "live" pid is a leftover too); and, unless we own
+        the cache, files named with our own pid (another store in this
+        process may be writing them).
+        """
         removed = 0
+        now, me = time.time(), os.getpid()
         for child in self.tmp.iterdir():
+            if child in self._staging:
+                continue
+            pid = _pid_of_temp(child.name)
+            if pid == me and not owner:
+                continue
+            if pid is not None and pid != me and _alive(pid):
+                with contextlib.suppress(FileNotFoundError):
+                    if now - child.lstat().st_mtime < TEMP_GRACE_S:
+                        continue
             if child.is_dir() and not child.is_symlink():
                 shutil.rmtree(child, ignore_errors=True)
             else:
                 child.unlink(missing_ok=True)
             removed += 1
+        return removed
+
+    def sweep_tmp(self) -> int:
+        """Remove temp files no live download owns (the daemon's housekeeping)."""
+        removed = self._clear_tmp(owner=self.owner)
+        if removed:
+            log.info("removed stale temp files", removed=removed)
         return removed
 
     def blob_path(self, sha256: str) -> Path:
@@ -266,10 +435,12 @@ class Store:
     def staged(self) -> Iterator[StagedBlob]:
         """A temp file for one download; removed unless committed."""
         blob = StagedBlob(self.tmp)
+        self._staging.add(blob.path)
         try:
             yield blob
         finally:
             blob.discard()
+            self._staging.discard(blob.path)
 
     @staticmethod
     def _tag(etag: str, version_id: str | None) -> str:
@@ -333,15 +504,73 @@ class Store:
         return value
 
     def flush(self) -> int:
-        """Write in-memory access times and pins to the index; returns rows written."""
+        """Write in-memory access times and pins to the index; returns rows written.
+
+        On failure the rows stay dirty for the next try, and :meth:`touch`
+        refuses new pins (``pin_fault``) until a flush succeeds with the
+        headroom file back in place: a pin handed out either reaches the
+        index or is never handed out. A disk-full failure first gives up the
+        headroom file, so the pins already promised can still be written.
+        """
         with self._lock:
-            dirty = [(k, self._dump(k, self._current(k))) for k in self._dirty if k in self._rows]
-            self._dirty.clear()
-        if dirty:
-            with self.index.transact():
-                for k, raw in dirty:
-                    self.index.set(k, raw)
+            keys = [k for k in self._dirty if k in self._rows]
+            dirty = [(k, self._dump(k, self._current(k))) for k in keys]
+            self._dirty.difference_update(keys)
+        try:
+            if dirty:
+                try:
+                    self._write_rows(dirty)
+                except sqlite3.OperationalError as exc:
+                    if not _is_full(exc) or not self._release_headroom():
+                        raise
+                    self._write_rows(dirty)  # with the headroom given back
+        except Exception as exc:
+            with self._lock:
+                self._dirty.update(k for k in keys if k in self._rows)
+            err = _index_error(exc, "flush pins")
+            self.pin_fault = err
+            raise err from exc
+        if self.pin_fault is not None or not self._headroom_ok:
+            self._headroom_ok = self._make_headroom()
+            if self._headroom_ok:
+                self.pin_fault = None
+            else:
+                self.pin_fault = CacheFull(
+                    "no room left in the asset cache",
+                    detail="no headroom left to record pins in the index",
+                )
         return len(dirty)
+
+    def _write_rows(self, rows: list[tuple[tuple[str, ...], Any]]) -> None:
+        with self.index.transact():
+            for k, raw in rows:
+                self.index.set(k, raw)
+
+    def _make_headroom(self) -> bool:
+        """Keep ``HEADROOM_BYTES`` allocated for index writes; True if they are there."""
+        if not self.owner:
+            return True  # only the owner flushes pins for the daemon
+        try:
+            fd = os.open(self._headroom, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, HEADROOM_BYTES)
+            finally:
+                os.close(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                if os.stat(self._headroom).st_blocks * 512 < HEADROOM_BYTES:
+                    os.unlink(self._headroom)
+            return False
+        return True
+
+    def _release_headroom(self) -> bool:
+        try:
+            os.unlink(self._headroom)
+        except OSError:
+            return False
+        self._headroom_ok = False
+        log.warning("cache disk full: released the index headroom to record promised pins")
+        return True
 
     # -- reads ------------------------------------------------------------------
 
@@ -380,6 +609,8 @@ class Store:
         entry = rows.get(k) or (None if memory_only else self._get(k))
         if entry is None:
             return None
+        if version_id == "null":  # the one version that is re-checked: when S3 last vouched for it
+            checked_at = max(entry.fetched_at, self._checked.get(k, 0.0))
         sha = entry.sha256
         expected = rows.get(("blob", sha)) or (None if memory_only else self._get(("blob", sha)))
         if expected is None and memory_only:
@@ -479,8 +710,19 @@ class Store:
 
     # -- writes -----------------------------------------------------------------
 
-    def mark_checked(self, bucket: str, key: str, *, now: float | None = None) -> None:
-        """Record that S3 still holds what ``cur`` points at."""
+    def mark_checked(
+        self, bucket: str, key: str, version_id: str | None = None, *, now: float | None = None
+    ) -> None:
+        """Record that S3 still holds what ``cur`` (or the given version's row) points at.
+
+        For a version (only ``"null"`` is ever re-checked) the time is kept in
+        memory alone: after a restart it is checked once more, which is safe.
+        """
+        if version_id is not None:
+            self._checked[("obj", bucket, key, "v:" + version_id)] = (
+                time.time() if now is None else now
+            )
+            return
         cur = self._get(("cur", bucket, key))
         if cur is not None:
             self._set(("cur", bucket, key), (cur[0], time.time() if now is None else now))
@@ -494,6 +736,9 @@ class Store:
         a pin the blob stays until the pin expires.
         """
         k = ("obj", bucket, key, self._tag(entry.etag, entry.version_id))
+        fault = self.pin_fault
+        if fault is not None:
+            raise type(fault)(fault.message, detail=fault.detail)
         with self._lock:
             if self._rows.get(k) is None or ("blob", entry.sha256) not in self._rows:
                 return None
@@ -523,6 +768,44 @@ class Store:
                 return False
             log.warning("blob quarantined", sha256=sha256, reason=reason, moved_to=str(dest))
             return True
+
+    def quarantine_usage(self) -> tuple[int, int]:
+        """(files, bytes) in quarantine/."""
+        files = size = 0
+        for _mtime, n, _path in self._quarantined():
+            files += 1
+            size += n
+        return files, size
+
+    def _quarantined(self) -> list[tuple[float, int, Path]]:
+        found: list[tuple[float, int, Path]] = []
+        with contextlib.suppress(FileNotFoundError):
+            for child in self.quarantine_dir.iterdir():
+                with contextlib.suppress(FileNotFoundError):
+                    st = child.lstat()
+                    found.append((st.st_mtime, st.st_size, child))
+        return found
+
+    def prune_quarantine(
+        self, *, max_age_s: float, max_bytes: int, now: float | None = None
+    ) -> int:
+        """Delete quarantined files past ``max_age_s``, then the oldest over ``max_bytes``."""
+        now = time.time() if now is None else now
+        files = sorted(self._quarantined(), key=lambda f: f[0])
+        total = sum(f[1] for f in files)
+        removed = 0
+        for mtime, size, path in files:
+            if now - mtime <= max_age_s and total <= max_bytes:
+                break  # oldest first: the rest are younger and fit
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            total -= size
+            removed += 1
+        if removed:
+            log.info("quarantine pruned", removed=removed, bytes_left=total)
+        return removed
 
     def check_blob(self, sha256: str) -> bool:
         """Re-check one blob against its row (the watchdog's callback); True if it was bad."""
@@ -587,7 +870,7 @@ class Store:
         totals that eviction needs. Safe while the daemon serves: every
         decision is re-checked under the store's lock.
         """
-        with self._recovery_lock:
+        with self._recovery_lock, self._exclusive():
             if self.recovered.is_set() and self.recovery is not None:
                 return self.recovery
             started = time.monotonic()
@@ -688,7 +971,7 @@ class Store:
         self._ensure_recovered()
         now = time.time() if now is None else now
         report = EvictionReport()
-        with self._lock:
+        with self._exclusive(), self._lock:
             assert self._totals is not None
             total = self._totals[1] + self._reserved
             free = self.free_bytes() - self._reserved
@@ -781,6 +1064,10 @@ class Store:
 
     def verify(self) -> VerifyReport:
         """Re-hash every blob; quarantine those whose bytes do not match their name."""
+        with self._exclusive():
+            return self._verify()
+
+    def _verify(self) -> VerifyReport:
         started = time.monotonic()
         report = VerifyReport()
         self._load_all()
@@ -841,13 +1128,25 @@ class Store:
             had_blob = self._blob_ok(sha256)
             new_entry = self._get(obj_key) is None
             fingerprint = self._publish(staged, sha256, path, exists=had_blob)
-            with self.index.transact():
-                self._set(("blob", sha256), fingerprint)
-                self._pins.pop(obj_key, None)
-                self._set(obj_key, entry)
-                if not requested_version:  # a pinned version never moves what others see
-                    self._set(("cur", bucket, key), (tag, now))
-                self._set(("dig", bucket, key, sha256), (tag,))
+            try:
+                with self.index.transact():
+                    self._set(("blob", sha256), fingerprint)
+                    self._pins.pop(obj_key, None)
+                    self._set(obj_key, entry)
+                    if not requested_version:  # a pinned version never moves what others see
+                        self._set(("cur", bucket, key), (tag, now))
+                    self._set(("dig", bucket, key, sha256), (tag,))
+            except (sqlite3.Error, OSError) as exc:
+                # the memory rows went in with the failed transaction: take them back out
+                for k in (
+                    ("blob", sha256),
+                    obj_key,
+                    ("cur", bucket, key),
+                    ("dig", bucket, key, sha256),
+                ):
+                    self._rows.pop(k, None)
+                    self._dirty.discard(k)
+                raise _index_error(exc, "write index row") from exc
             replaced = int(old_fp[0]) if old_fp is not None and not had_blob else 0
             self._adjust(entries=int(new_entry), size=0 if had_blob else size - replaced)
         return entry, path

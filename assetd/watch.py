@@ -6,6 +6,11 @@
   remains the guarantee; this makes it visible as it happens.
 - the config file, and the asset catalog file: a change triggers the same
   reload as SIGHUP.
+
+Both watches subscribe only to events that can change or remove a file
+(delete, move, attribute change, write, close after write): opening and
+reading a blob, which student code may do in a loop through its bind
+mount, generates no inotify event at all, so it costs the daemon nothing.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (
+    FileAttribEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers import Observer
 
 from assetd.log import get_logger
@@ -27,14 +41,31 @@ __all__ = ["Watcher"]
 log = get_logger("assetd.watch")
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 _DEBOUNCE_S = 0.3
+# no FileOpenedEvent / FileClosedNoWriteEvent: those are reads (IN_OPEN, IN_CLOSE_NOWRITE)
+BLOB_EVENTS: list[type[FileSystemEvent]] = [
+    FileDeletedEvent,
+    FileMovedEvent,
+    FileModifiedEvent,  # subscribes IN_MODIFY and IN_ATTRIB
+    FileAttribEvent,  # chmod, chown, touch: the stat fingerprint changes
+    FileClosedEvent,  # IN_CLOSE_WRITE only
+]
+CONFIG_EVENTS: list[type[FileSystemEvent]] = [*BLOB_EVENTS, FileCreatedEvent]
 
 
 class _BlobHandler(FileSystemEventHandler):
     def __init__(self, store: Store) -> None:
         self.store = store
+        self.events = 0  # callbacks received, for stats and tests
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if event.is_directory or event.event_type not in ("deleted", "modified", "moved", "closed"):
+        self.events += 1
+        if event.is_directory or event.event_type not in (
+            "deleted",
+            "modified",
+            "moved",
+            "closed",
+            "attrib",
+        ):
             return
         name = os.path.basename(os.fsdecode(event.src_path))
         if _SHA.match(name):
@@ -71,7 +102,10 @@ class Watcher:
     def __init__(self, store: Store, config_path: str | None, reload: Callable[[], None]) -> None:
         self.observer = Observer()
         self.observer.daemon = True
-        self.observer.schedule(_BlobHandler(store), str(store.blobs), recursive=True)
+        self.blob_handler = _BlobHandler(store)
+        self.observer.schedule(
+            self.blob_handler, str(store.blobs), recursive=True, event_filter=BLOB_EVENTS
+        )
         self._files: set[str] = set()
         if config_path:
             self.watch_file(config_path, reload)
@@ -83,12 +117,20 @@ class Watcher:
             return
         self._files.add(str(path))
         try:
-            self.observer.schedule(_ConfigHandler(path, reload), str(path.parent), recursive=False)
+            self.observer.schedule(
+                _ConfigHandler(path, reload),
+                str(path.parent),
+                recursive=False,
+                event_filter=CONFIG_EVENTS,
+            )
         except OSError as exc:  # a missing directory: SIGHUP still reloads
             log.warning("cannot watch file", file=str(path), error=str(exc))
 
     def start(self) -> None:
         self.observer.start()
+
+    def alive(self) -> bool:
+        return self.observer.is_alive()
 
     def stop(self) -> None:
         self.observer.stop()

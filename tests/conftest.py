@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.docker import Dockerd
+from tests.support.docker import missing as missing_docker
 from tests.support.faultproxy import FaultProxy
 from tests.support.seaweedfs import SeaweedFS
 
@@ -78,3 +80,23 @@ def sock_path(tmp_path: Path) -> str:
     path = str(tmp_path / "d.sock")
     assert len(path) < 100, path
     return path
+
+
+@pytest.fixture(scope="session")
+def dockerd() -> Iterator[Dockerd]:
+    """One real dockerd per session (vfs, no bridge); skips where Docker cannot run."""
+    reason = missing_docker()
+    engine = Dockerd()
+    if reason is None:
+        try:
+            engine.start()
+        except RuntimeError as exc:  # installed but cannot run here (no privileges, no cgroups)
+            reason = f"dockerd did not start: {exc}"
+    if reason is not None:
+        if os.environ.get("CI"):
+            pytest.fail(f"Docker tests cannot run in CI: {reason}")
+        pytest.skip(reason)
+    try:
+        yield engine
+    finally:
+        engine.stop()

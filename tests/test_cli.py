@@ -433,3 +433,37 @@ def test_module_get_unreachable_subprocess() -> None:
         "cannot reach assetd at /nonexistent/x.sock: No such file or directory; "
         "is the service running?"
     ] == proc.stderr.splitlines()
+
+
+PASSWORDS = ["plain", "with/slash", "a@b", "c:d/e@f", "q?x#y"]
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_config_never_prints_an_endpoint_password(tmp_path: Path, password: str) -> None:
+    """`assetd config` (text and JSON) redacts userinfo whatever the password holds (Why 7)."""
+    config = tmp_path / "assetd.toml"
+    config.write_text(f'[s3]\nendpoint_url = "http://user:{password}@127.0.0.1:9/"\n')
+    text = run("config", "--config", str(config))
+    as_json = run("config", "--json", "--config", str(config))
+    assert 0 == text.exit_code, text.output
+    for result in (text, as_json):
+        assert "user" not in result.output
+        assert password not in result.output
+    endpoint = json.loads(as_json.stdout)["keys"]["s3.endpoint_url"]["value"]
+    assert "http://***@127.0.0.1:9/" == endpoint
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_check_never_prints_an_endpoint_password(tmp_path: Path, password: str) -> None:
+    """`assetd check` shows the endpoint without its user and password (issue 11, Why 7)."""
+    config = tmp_path / "assetd.toml"
+    config.write_text(
+        f'[s3]\nendpoint_url = "http://user:{password}@127.0.0.1:9/"\n'
+        "max_attempts = 1\ndeadline_s = 2\nconnect_timeout_s = 0.5\n"
+        f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+    )
+    for flags in ([], ["--json"]):
+        result = run("check", *flags, "--config", str(config), "s3://bucket/key")
+        assert "http://***@127.0.0.1:9/" in result.output
+        assert password not in result.output
+        assert "user:" not in result.output

@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -40,6 +42,7 @@ def cache_dir(tmp_path: Path) -> Path:
 def _config(tmp_path: Path, cache_dir: Path, max_bytes: int) -> str:
     path = tmp_path / "assetd.toml"
     path.write_text(
+        f'[daemon]\nsocket = "{tmp_path / "none.sock"}"\n'  # no daemon: the offline path
         f'[cache]\ndir = "{cache_dir}"\nmax_bytes = {max_bytes}\nmin_free_bytes = 0\n'
         '[log]\nlevel = "error"\n'
     )
@@ -94,7 +97,8 @@ def test_gc_json_evicts_over_max_bytes(tmp_path: Path, cache_dir: Path) -> None:
     result = run("gc", "--json", "--config", _config(tmp_path, cache_dir, 250))
     assert 0 == result.exit_code, result.output
     report = json.loads(result.stdout)
-    assert {"recovery", "eviction"} == set(report)
+    assert {"recovery", "eviction", "quarantine_removed", "via"} == set(report)
+    assert "offline" == report["via"]
     eviction = report["eviction"]
     assert 100 == eviction["freed_bytes"]  # 300 -> 200, under the low water mark of 225
     assert 1 == eviction["removed_entries"]
@@ -199,3 +203,57 @@ def test_verify_json(tmp_path: Path, cache_dir: Path) -> None:
     again = run("verify", "--json", "--config", config)
     assert 0 == again.exit_code, again.output
     assert (2, []) == (json.loads(again.stdout)["checked"], json.loads(again.stdout)["mismatched"])
+
+
+# -- ownership of the cache ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["gc", "verify"])
+def test_offline_maintenance_refuses_a_cache_another_process_owns(
+    tmp_path: Path, cache_dir: Path, command: str
+) -> None:
+    """Cache locked, no daemon answering: gc/verify exit 4 with one line, touching nothing."""
+    paths = _populate(cache_dir, 3)
+    owner = Store(cache_dir, lock=True)
+    try:
+        result = run(command, "--config", _config(tmp_path, cache_dir, 1))
+    finally:
+        owner.close()
+    assert 4 == result.exit_code
+    assert 1 == len(result.stderr.strip().splitlines())
+    assert f"process {os.getpid()}" in result.stderr
+    assert all(p.exists() for p in paths)
+
+
+def test_offline_gc_keeps_a_live_downloads_temp_file(tmp_path: Path, cache_dir: Path) -> None:
+    """gc's store open leaves another live process's temp file alone (issue 11, Why 4)."""
+    _populate(cache_dir, 1)
+    script = (
+        "import sys; from assetd.store import Store\n"
+        f"s = Store({str(cache_dir)!r})\n"
+        "with s.staged() as st:\n"
+        "    st.write(memoryview(b'half a download'))\n"
+        "    print(st.path, flush=True)\n"
+        "    sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        staged = Path(proc.stdout.readline().strip())
+        result = run("gc", "--config", _config(tmp_path, cache_dir, 10_000))
+        assert 0 == result.exit_code, result.output
+        assert staged.exists()
+    finally:
+        proc.communicate("", timeout=30)
+
+
+def test_offline_gc_removes_a_dead_processes_temp_file(tmp_path: Path, cache_dir: Path) -> None:
+    """A temp file whose process is gone is a crash leftover: the owner's open removes it."""
+    _populate(cache_dir, 1)
+    leftover = cache_dir / "tmp" / "blob-999999999-x.part"
+    leftover.write_bytes(b"partial")
+    result = run("gc", "--config", _config(tmp_path, cache_dir, 10_000))
+    assert 0 == result.exit_code, result.output
+    assert not leftover.exists()

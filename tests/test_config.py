@@ -129,6 +129,8 @@ socket_group = "graders"
 allowed_uids = [1000, 1001]
 allowed_gids = [50]
 workers = 3
+admin_uids = [1002]
+admin_gids = [51]
 
 [cache]
 dir = "/srv/cache"
@@ -138,6 +140,8 @@ pin_seconds = 120
 revalidate_after_s = 0
 serve_stale_on_error = false
 negative_ttl_s = 2.5
+quarantine_max_age_s = 60
+quarantine_max_bytes = "1MiB"
 
 [s3]
 endpoint_url = "http://127.0.0.1:9000"
@@ -150,6 +154,8 @@ connect_timeout_s = 1.5
 read_timeout_s = 7
 max_attempts = 2
 deadline_s = 30
+part_size = "4MiB"
+max_concurrency = 6
 
 [local]
 root = "/srv/local"
@@ -180,6 +186,8 @@ def test_file_values(tmp_path: Path) -> None:
             allowed_uids=(1000, 1001),
             allowed_gids=(50,),
             workers=3,
+            admin_uids=(1002,),
+            admin_gids=(51,),
         )
         == cfg.daemon
     )
@@ -192,6 +200,8 @@ def test_file_values(tmp_path: Path) -> None:
             revalidate_after_s=0.0,
             serve_stale_on_error=False,
             negative_ttl_s=2.5,
+            quarantine_max_age_s=60.0,
+            quarantine_max_bytes=1 << 20,
         )
         == cfg.cache
     )
@@ -207,6 +217,8 @@ def test_file_values(tmp_path: Path) -> None:
             read_timeout_s=7.0,
             max_attempts=2,
             deadline_s=30.0,
+            part_size=4 << 20,
+            max_concurrency=6,
         )
         == cfg.s3
     )

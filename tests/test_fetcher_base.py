@@ -1,30 +1,27 @@
-"""Unit tests for assetd.fetcher.base: metadata helpers, retries, verified streaming."""
+"""Unit tests for assetd.fetcher.base: metadata helpers, retries, parts, verification."""
 
 # House style puts the expected value on the left of ==.
 
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
-import io
+import itertools
 import random
+import threading
 import time
+import zlib
+from typing import Any
 
 import pytest
 
 from assetd import errors
-from assetd.fetcher.base import (
-    CHUNK,
-    PIPELINE_MIN_BYTES,
-    ObjectMeta,
-    RetryPolicy,
-    stream_body,
-)
+from assetd.fetcher.base import CHUNK, ObjectMeta, PartResponse, RetryPolicy
 from assetd.fetcher.memory import MemoryFetcher
 
 MD5_HEX = "9b2cf535f27731c974343645a3985328"
 FAR = 3600.0  # deadline offset for calls that must not time out
+MULTIPART_ETAG = '"0123456789abcdef0123456789abcdef-2"'
 
 
 def _deadline() -> float:
@@ -36,45 +33,36 @@ def _blob(n: int, seed: int = 7) -> bytes:
 
 
 class ListSink:
-    """A BlobSink that keeps the bytes in memory and counts resets."""
+    """A BlobSink in memory: writes at offsets, counts resets, remembers the peak lead."""
 
-    def __init__(self) -> None:
+    def __init__(self, read_delay: float = 0.0) -> None:
+        self.read_delay = read_delay  # a slow hasher, so downloads could run ahead
         self.buf = bytearray()
         self.resets = 0
-
-    def write(self, data: memoryview) -> None:
-        self.buf += data
+        self.lock = threading.Lock()
+        self.written = 0
+        self.read_upto = 0
+        self.max_lead = 0  # largest distance of any write past what was read back
 
     def reset(self) -> None:
         self.buf.clear()
         self.resets += 1
 
+    def allocate(self, size: int) -> None:
+        self.buf = bytearray(size)
 
-class TrickleBody:
-    """A body that hands out at most ``step`` bytes per readinto call."""
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        with self.lock:
+            self.buf[offset : offset + len(data)] = data
+            self.max_lead = max(self.max_lead, offset + len(data) - self.read_upto)
 
-    def __init__(self, data: bytes, step: int) -> None:
-        self._io = io.BytesIO(data)
-        self.step = step
-        self.closed = False
-
-    def readinto(self, buf: memoryview) -> int:
-        return self._io.readinto(buf[: self.step])
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class LyingFetcher(MemoryFetcher):
-    """HEAD announces ``size_delta`` more bytes than the body has (no MD5 to check)."""
-
-    def __init__(self, size_delta: int) -> None:
-        super().__init__()
-        self.size_delta = size_delta
-
-    def _head(self, bucket: str, key: str, version_id: str | None, deadline: float) -> ObjectMeta:
-        meta = super()._head(bucket, key, version_id, deadline)
-        return dataclasses.replace(meta, size=meta.size + self.size_delta, md5=None)
+    def pread(self, buf: memoryview, offset: int) -> int:
+        time.sleep(self.read_delay)
+        with self.lock:
+            chunk = self.buf[offset : offset + len(buf)]
+            buf[: len(chunk)] = chunk
+            self.read_upto = max(self.read_upto, offset + len(chunk))
+            return len(chunk)
 
 
 # --- ObjectMeta helpers -----------------------------------------------------------
@@ -106,26 +94,23 @@ _SHA_B64 = base64.b64encode(_SHA).decode()
 
 
 @pytest.mark.parametrize(
-    ("value", "checksum_type", "expected"),
+    ("values", "checksum_type", "full", "composite"),
     [
-        (_SHA_B64, None, _SHA.hex()),
-        (_SHA_B64, "FULL_OBJECT", _SHA.hex()),
-        (_SHA_B64, "COMPOSITE", None),
-        (_SHA_B64 + "-2", None, None),
-        (_SHA_B64 + "-2", "FULL_OBJECT", None),
-        ("not base64!!", None, None),
-        (_SHA_B64[:-2], None, None),
-        (base64.b64encode(b"\x00" * 16).decode(), None, None),
-        (base64.b64encode(b"\x00" * 33).decode(), None, None),
-        ("", None, None),
-        (None, None, None),
+        ({"sha256": _SHA_B64}, None, [("sha256", _SHA_B64)], []),
+        ({"sha256": _SHA_B64}, "FULL_OBJECT", [("sha256", _SHA_B64)], []),
+        ({"crc64nvme": "AAAAAAAAAAA="}, None, [("crc64nvme", "AAAAAAAAAAA=")], []),
+        ({"sha256": _SHA_B64}, "COMPOSITE", [], [("sha256", _SHA_B64)]),
+        ({"crc32": "AAAAAA==-2"}, None, [], [("crc32", "AAAAAA==-2")]),
+        ({"crc32c": "AAAAAA==-2"}, "FULL_OBJECT", [], [("crc32c", "AAAAAA==-2")]),
+        ({"sha1": "not base64!!"}, None, [], []),
+        ({"sha256": "", "crc32": None}, None, [], []),
     ],
 )
-def test_sha256_from_checksum(
-    value: str | None, checksum_type: str | None, expected: str | None
+def test_split_checksums(
+    values: dict[str, str | None], checksum_type: str | None, full: list[Any], composite: list[Any]
 ) -> None:
-    """Only a valid base64 32-byte full-object checksum yields a hex SHA-256."""
-    assert expected == ObjectMeta.sha256_from_checksum(value, checksum_type)
+    """Full-object checksums are kept apart from composite (-N or COMPOSITE) ones."""
+    assert (tuple(full), tuple(composite)) == ObjectMeta.split_checksums(values, checksum_type)
 
 
 # --- RetryPolicy ------------------------------------------------------------------
@@ -151,132 +136,126 @@ def test_retry_delay_huge_attempt_is_capped() -> None:
     assert 0.0 <= RetryPolicy(max_attempts=5000).delay(2000) <= 2.0
 
 
-# --- stream_body directly -----------------------------------------------------------
-
-
-def _meta(data: bytes, *, size: int | None = None, md5: bool = True) -> ObjectMeta:
-    return ObjectMeta(
-        bucket="bucket",
-        key="k",
-        size=len(data) if size is None else size,
-        etag='"x"',
-        md5=hashlib.md5(data).hexdigest() if md5 else None,  # noqa: S324
-    )
-
-
-@pytest.mark.parametrize(
-    "n", [0, 1, CHUNK - 1, CHUNK, CHUNK + 1, PIPELINE_MIN_BYTES, PIPELINE_MIN_BYTES + 12345]
-)
-@pytest.mark.parametrize("step", [7919, 1 << 20])
-def test_stream_body_copies_and_hashes(n: int, step: int) -> None:
-    """stream_body writes every byte and hashes it, inline or pipelined, whatever the reads."""
-    data = _blob(n)
-    sink = ListSink()
-    hasher = stream_body(TrickleBody(data, step), sink, _meta(data), _deadline())
-    assert n == hasher.size
-    assert data == bytes(sink.buf)
-    assert hashlib.sha256(data).hexdigest() == hasher.sha.hexdigest()
-    assert hasher.md5 is not None
-    assert hashlib.md5(data).hexdigest() == hasher.md5.hexdigest()  # noqa: S324
-
-
-@pytest.mark.parametrize("n", [1000, PIPELINE_MIN_BYTES + 5])
-def test_stream_body_stops_one_byte_past_announced(n: int) -> None:
-    """A body longer than announced is read only to size + 1 bytes."""
-    data = _blob(n + 10 * CHUNK)
-    sink = ListSink()
-    hasher = stream_body(TrickleBody(data, 1 << 20), sink, _meta(data, size=n), _deadline())
-    assert n + 1 == hasher.size
-    assert data[: n + 1] == bytes(sink.buf)
-
-
-def test_stream_body_past_deadline_times_out() -> None:
-    """An expired deadline stops the copy with Timeout."""
-    data = _blob(100)
-    with pytest.raises(errors.Timeout):
-        stream_body(TrickleBody(data, 10), ListSink(), _meta(data), time.monotonic() - 1)
-
-
-def test_stream_body_pipelined_sink_failure_surfaces() -> None:
-    """A sink error on the hashing thread reaches the caller of the pipelined path."""
-
-    class FullSink(ListSink):
-        def write(self, data: memoryview) -> None:
-            if len(self.buf) >= 2 * CHUNK:
-                raise errors.CacheFull("no room left in the asset cache")
-            super().write(data)
-
-    data = _blob(PIPELINE_MIN_BYTES + 1)
-    with pytest.raises(errors.CacheFull):
-        stream_body(TrickleBody(data, 1 << 20), FullSink(), _meta(data), _deadline())
-
-
 # --- Fetcher.fetch --------------------------------------------------------------------
 
 
+def _fetch(f: MemoryFetcher, key: str = "k", **kw: Any) -> tuple[ListSink, Any]:
+    sink = ListSink()
+    kw.setdefault("max_bytes", 1 << 30)
+    kw.setdefault("deadline", _deadline())
+    return sink, f.fetch("bucket", key, None, sink, **kw)
+
+
 @pytest.mark.parametrize("n", [0, 10, CHUNK + 3])
-def test_fetch_small_object(n: int) -> None:
-    """fetch of a small object gives its bytes, size, sha256 and the HEAD metadata."""
+def test_fetch_small_object_is_one_get(n: int) -> None:
+    """An object no bigger than one part: its bytes, size and sha256, in one GET."""
     f = MemoryFetcher()
     data = _blob(n)
     obj = f.put("bucket", "k", data)
-    sink = ListSink()
-    fetched = f.fetch("bucket", "k", None, sink, max_bytes=1 << 30, deadline=_deadline())
+    sink, fetched = _fetch(f)
     assert data == bytes(sink.buf)
-    assert n == fetched.size
-    assert hashlib.sha256(data).hexdigest() == fetched.sha256
+    assert (n, hashlib.sha256(data).hexdigest()) == (fetched.size, fetched.sha256)
     assert obj.etag == fetched.meta.etag
-    assert {"head": 1, "get": 1} == dict(f.requests)
+    assert {"get": 1} == dict(f.requests)
 
 
-def test_fetch_pipelined_object_sha256() -> None:
-    """An object over PIPELINE_MIN_BYTES goes through the pipelined path intact."""
-    f = MemoryFetcher()
-    data = _blob(PIPELINE_MIN_BYTES + 3 * CHUNK + 17)
-    f.put("bucket", "big", data, checksum=True)
-    sink = ListSink()
-    fetched = f.fetch("bucket", "big", None, sink, max_bytes=1 << 30, deadline=_deadline())
-    assert hashlib.sha256(data).hexdigest() == fetched.sha256
-    assert len(data) == fetched.size
+@pytest.mark.parametrize(
+    ("n", "part", "conc"),
+    [(3 << 20, 1 << 20, 2), ((5 << 20) + 17, 1 << 20, 4), ((9 << 20) + 1, 2 << 20, 3)],
+)
+def test_fetch_in_parts_is_byte_exact(n: int, part: int, conc: int) -> None:
+    """An object of several parts lands whole, hashed in order, with one GET per part."""
+    f = MemoryFetcher(part_size=part, max_concurrency=conc)
+    data = _blob(n)
+    f.put("bucket", "big", data)
+    sink, fetched = _fetch(f, "big")
     assert data == bytes(sink.buf)
+    assert hashlib.sha256(data).hexdigest() == fetched.sha256
+    assert f.requests["get"] >= -(-n // part)
 
 
-@pytest.mark.parametrize("n", [100, PIPELINE_MIN_BYTES + 100])
-def test_fetch_body_longer_than_announced_is_too_large(n: int) -> None:
-    """A body longer than HEAD announced raises TooLarge, without retrying."""
-    f = LyingFetcher(size_delta=-1)
-    f.put("bucket", "k", _blob(n))
-    with pytest.raises(errors.TooLarge):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=1 << 30, deadline=_deadline())
-    assert 1 == f.requests["get"]
+def test_plan_has_at_least_as_many_parts_as_connections() -> None:
+    """The rest of an object is split so every connection gets a part (never under 1 MiB)."""
+    f = MemoryFetcher(part_size=8 << 20, max_concurrency=10)
+    parts = f._plan(24 << 20, 8 << 20)
+    assert 1 + 10 == len(parts)
+    assert (0, 24 << 20) == (parts[0].start, parts[-1].end)
+    assert all(a.end == b.start for a, b in itertools.pairwise(parts))
+    assert 2 == len(f._plan((8 << 20) + 1000, 8 << 20))  # 1000 bytes left: one small part
 
 
-@pytest.mark.parametrize("n", [100, PIPELINE_MIN_BYTES + 100])
-def test_fetch_truncated_body_unavailable_after_retries(n: int) -> None:
-    """A body shorter than announced is retried max_attempts times, then Unavailable."""
-    f = LyingFetcher(size_delta=10)
-    f.put("bucket", "k", _blob(n))
-    sink = ListSink()
+def test_downloads_stay_a_bounded_distance_ahead_of_the_hasher() -> None:
+    """With a slow hasher, no part is written further than the bound past the hashed offset."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=2)
+    data = _blob(24 << 20)
+    f.put("bucket", "big", data)
+    sink = ListSink(read_delay=0.005)
+    f.fetch("bucket", "big", None, sink, max_bytes=1 << 30, deadline=_deadline())
+    assert data == bytes(sink.buf)
+    assert sink.max_lead <= (2 * 2 * 1 + 1) << 20  # 2 x concurrency x part size, + a part
+
+
+class FailingParts(MemoryFetcher):
+    """The first ``fail`` part GETs after the first end after ``cut`` bytes."""
+
+    def __init__(self, fail: int, cut: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.fail = fail
+        self.cut = cut
+
+    def _get(self, bucket: str, key: str, version_id: str | None, **kw: Any) -> PartResponse:
+        part = super()._get(bucket, key, version_id, **kw)
+        if kw["start"] > 0 and self.fail > 0:
+            self.fail -= 1
+            part._view = part._view[: self.cut]  # type: ignore[attr-defined]
+        return part
+
+
+def test_parts_cut_mid_body_resume_byte_exact() -> None:
+    """Parts cut short are resumed from their first missing byte; the result is exact."""
+    f = FailingParts(fail=3, cut=1000, part_size=1 << 20, max_concurrency=3)
+    data = _blob(5 << 20)
+    f.put("bucket", "big", data)
+    sink, fetched = _fetch(f, "big")
+    assert data == bytes(sink.buf)
+    assert hashlib.sha256(data).hexdigest() == fetched.sha256
+    assert 5 + 3 == f.requests["get"]
+
+
+def test_part_failing_every_time_is_unavailable() -> None:
+    """A part that never completes ends the fetch unavailable after max_attempts."""
+    f = FailingParts(fail=1000, cut=0, part_size=1 << 20, max_concurrency=1)
+    f.put("bucket", "big", _blob(2 << 20))
     with pytest.raises(errors.Unavailable):
-        f.fetch("bucket", "k", None, sink, max_bytes=1 << 30, deadline=_deadline())
-    assert f.retry.max_attempts == f.requests["get"]
-    assert f.retry.max_attempts == sink.resets
+        _fetch(f, "big")
 
 
-def test_fetch_head_over_limit_is_too_large_without_get() -> None:
-    """HEAD size over max_bytes refuses before any GET."""
+def test_fetch_over_limit_is_too_large_after_one_get() -> None:
+    """The first GET's size over max_bytes refuses the object: no second request."""
     f = MemoryFetcher()
     f.put("bucket", "k", b"x" * 101)
     with pytest.raises(errors.TooLarge):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=100, deadline=_deadline())
-    assert 0 == f.requests["get"]
+        _fetch(f, max_bytes=100)
+    assert {"get": 1} == dict(f.requests)
 
 
 def test_fetch_size_equal_to_limit_is_allowed() -> None:
     """An object exactly max_bytes long is fetched."""
     f = MemoryFetcher()
     f.put("bucket", "k", b"x" * 100)
-    assert 100 == f.fetch("bucket", "k", None, ListSink(), max_bytes=100, deadline=_deadline()).size
+    assert 100 == _fetch(f, max_bytes=100)[1].size
+
+
+def test_on_meta_sees_the_size_before_any_write() -> None:
+    """on_meta gets the object's metadata first and may refuse it."""
+    f = MemoryFetcher()
+    f.put("bucket", "k", b"x" * 100)
+
+    def refuse(meta: ObjectMeta) -> None:
+        raise errors.CacheFull(f"no room for {meta.size}")
+
+    with pytest.raises(errors.CacheFull):
+        _fetch(f, on_meta=refuse)
 
 
 def test_fetch_md5_mismatch_is_integrity_error() -> None:
@@ -285,18 +264,60 @@ def test_fetch_md5_mismatch_is_integrity_error() -> None:
     obj = f.put("bucket", "k", b"original")
     obj.data = b"tampered"
     with pytest.raises(errors.IntegrityError):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=1 << 30, deadline=_deadline())
+        _fetch(f)
     assert f.retry.max_attempts == f.requests["get"]
 
 
 def test_fetch_sha256_mismatch_is_integrity_error() -> None:
-    """Bytes that do not match the SHA-256 checksum raise IntegrityError (no MD5 ETag)."""
+    """With no MD5 ETag, a HEAD beside the GET brings the SHA-256 checksum; a mismatch fails."""
     f = MemoryFetcher()
     obj = f.put("bucket", "k", b"original", checksum=True)
-    obj.etag = '"0123456789abcdef0123456789abcdef-2"'  # multipart: no MD5 to check
+    obj.etag = MULTIPART_ETAG
     obj.data = b"tampered"
     with pytest.raises(errors.IntegrityError):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=1 << 30, deadline=_deadline())
+        _fetch(f)
+    assert f.retry.max_attempts == f.requests["head"]
+
+
+def _crc64nvme_b64(data: bytes) -> str:
+    from botocore.httpchecksum import CrtCrc64NvmeChecksum
+
+    c = CrtCrc64NvmeChecksum()
+    c.update(data)
+    return str(c.b64digest())
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "value"),
+    [
+        ("crc32", lambda d: base64.b64encode(zlib.crc32(d).to_bytes(4, "big")).decode()),
+        ("sha1", lambda d: base64.b64encode(hashlib.sha1(d).digest()).decode()),  # noqa: S324
+        ("crc64nvme", _crc64nvme_b64),
+    ],
+)
+@pytest.mark.parametrize("n", [1000, 5 << 20])
+def test_crc_only_object_checked_over_the_whole(algorithm: str, value: Any, n: int) -> None:
+    """A multipart object with only a CRC/SHA-1: right bytes pass, same-length wrong bytes fail."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=3)
+    data = _blob(n)
+    obj = f.put("bucket", "k", data)
+    obj.etag = MULTIPART_ETAG
+    obj.checksums = {algorithm: value(data)}
+    assert hashlib.sha256(data).hexdigest() == _fetch(f)[1].sha256
+    obj.data = data[:-1] + bytes([data[-1] ^ 1])
+    with pytest.raises(errors.IntegrityError):
+        _fetch(f)
+
+
+def test_composite_checksum_is_not_taken_for_full_object() -> None:
+    """A -N composite checksum is recorded, never compared with the whole object's."""
+    f = MemoryFetcher()
+    data = _blob(1000)
+    obj = f.put("bucket", "k", data)
+    obj.etag = MULTIPART_ETAG
+    obj.checksums = {"crc32": "AAAAAA==-2"}
+    _, fetched = _fetch(f)
+    assert ((), (("crc32", "AAAAAA==-2"),)) == (fetched.meta.checksums, fetched.meta.composite)
 
 
 def test_fetch_retryable_fault_then_success() -> None:
@@ -304,31 +325,20 @@ def test_fetch_retryable_fault_then_success() -> None:
     f = MemoryFetcher()
     f.put("bucket", "k", b"data")
     f.faults.get.append(errors.Unavailable("503"))
-    f.faults.head.append(errors.Unavailable("503"))
-    sink = ListSink()
-    fetched = f.fetch("bucket", "k", None, sink, max_bytes=1 << 30, deadline=_deadline())
-    assert b"data" == bytes(sink.buf)
-    assert 4 == fetched.size
-    assert {"head": 2, "get": 2} == dict(f.requests)
+    sink, fetched = _fetch(f)
+    assert (b"data", 4) == (bytes(sink.buf), fetched.size)
+    assert {"get": 2} == dict(f.requests)
 
 
 @pytest.mark.parametrize("exc", [errors.NotFound("gone"), errors.AccessDenied("403")])
-def test_fetch_non_retryable_head_error_not_retried(exc: errors.AssetError) -> None:
-    """404/403 from HEAD end the fetch at once."""
+def test_fetch_non_retryable_error_not_retried(exc: errors.AssetError) -> None:
+    """404/403 from the first GET end the fetch at once."""
     f = MemoryFetcher()
     f.put("bucket", "k", b"data")
-    f.faults.head.append(exc)
+    f.faults.get.append(exc)
     with pytest.raises(type(exc)):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=1 << 30, deadline=_deadline())
-    assert {"head": 1} == dict(f.requests)
-
-
-def test_fetch_missing_object_not_found() -> None:
-    """A missing key raises NotFound after a single HEAD."""
-    f = MemoryFetcher()
-    with pytest.raises(errors.NotFound):
-        f.fetch("bucket", "nope", None, ListSink(), max_bytes=1 << 30, deadline=_deadline())
-    assert 1 == f.requests["head"]
+        _fetch(f)
+    assert {"get": 1} == dict(f.requests)
 
 
 def test_fetch_past_deadline_times_out() -> None:
@@ -336,7 +346,7 @@ def test_fetch_past_deadline_times_out() -> None:
     f = MemoryFetcher()
     f.put("bucket", "k", b"data")
     with pytest.raises(errors.Timeout):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=1 << 30, deadline=time.monotonic())
+        _fetch(f, deadline=time.monotonic())
     assert 0 == sum(f.requests.values())
 
 
@@ -347,56 +357,55 @@ def test_fetch_retries_stop_at_deadline() -> None:
     f.faults.get.extend(errors.Unavailable("503") for _ in range(5))
     start = time.monotonic()
     with pytest.raises((errors.Timeout, errors.Unavailable)):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=100, deadline=start + 0.2)
+        _fetch(f, max_bytes=100, deadline=start + 0.2)
     assert time.monotonic() - start < 1.0
 
 
-def test_fetch_object_changed_restarts_from_head() -> None:
-    """An object replaced between HEAD and GET is fetched again, whole and new."""
+class Replacing(MemoryFetcher):
+    """Replaces the object after each of the first ``times`` GETs (a 412 on the next part)."""
 
-    class Replacing(MemoryFetcher):
-        def _head(
-            self, bucket: str, key: str, version_id: str | None, deadline: float
-        ) -> ObjectMeta:
-            meta = super()._head(bucket, key, version_id, deadline)
-            if self.requests["head"] == 1:
-                self.put(bucket, key, b"new content, longer than before")
-            return meta
+    def __init__(self, times: int, **kw: Any) -> None:
+        super().__init__(part_size=1 << 20, max_concurrency=1, **kw)
+        self.times = times
 
-    f = Replacing()
-    f.put("bucket", "k", b"old content")
-    sink = ListSink()
-    fetched = f.fetch("bucket", "k", None, sink, max_bytes=1 << 30, deadline=_deadline())
-    assert b"new content, longer than before" == bytes(sink.buf)
-    assert hashlib.sha256(b"new content, longer than before").hexdigest() == fetched.sha256
-    assert 2 == f.requests["head"]
+    def _get(self, bucket: str, key: str, version_id: str | None, **kw: Any) -> PartResponse:
+        part = super()._get(bucket, key, version_id, **kw)
+        if self.times > 0 and kw["start"] == 0:
+            self.times -= 1
+            self.put(bucket, key, _blob(3 << 20, seed=100 + self.times))
+            self.objects[(bucket, key)].etag = f'"{self.times:032x}-2"'  # no MD5 to fall back on
+        return part
 
 
-def test_fetch_object_always_changing_gives_unavailable() -> None:
-    """An object replaced after every HEAD ends in Unavailable after max_restarts."""
+def test_object_changed_between_parts_restarts_whole() -> None:
+    """A 412 on a later part restarts the fetch: the new object, whole, never a mix."""
+    f = Replacing(times=1)
+    f.put("bucket", "k", _blob(3 << 20, seed=1)).etag = MULTIPART_ETAG
+    sink, fetched = _fetch(f)
+    new = _blob(3 << 20, seed=100)
+    assert new == bytes(sink.buf)
+    assert hashlib.sha256(new).hexdigest() == fetched.sha256
 
-    class Churning(MemoryFetcher):
-        def _head(
-            self, bucket: str, key: str, version_id: str | None, deadline: float
-        ) -> ObjectMeta:
-            meta = super()._head(bucket, key, version_id, deadline)
-            self.put(bucket, key, _blob(50, seed=self.requests["head"]))
-            return meta
 
-    f = Churning()
-    f.put("bucket", "k", b"start")
+def test_object_always_changing_gives_unavailable() -> None:
+    """An object replaced after every first GET ends unavailable after max_restarts."""
+    f = Replacing(times=1000)
+    f.put("bucket", "k", _blob(3 << 20, seed=1))
     with pytest.raises(errors.Unavailable):
-        f.fetch("bucket", "k", None, ListSink(), max_bytes=1 << 30, deadline=_deadline())
-    assert f.retry.max_restarts + 1 == f.requests["head"]
+        _fetch(f)
+    assert f.retry.max_restarts + 1 == 1000 - f.times
 
 
-def test_fetch_with_given_meta_skips_head() -> None:
-    """Passing HEAD metadata to fetch skips the first HEAD."""
+def test_revalidate_unchanged_is_none_and_changed_is_first_part() -> None:
+    """revalidate: 304 gives None; a changed object's answer is the new fetch's first part."""
     f = MemoryFetcher()
-    f.put("bucket", "k", b"data")
-    meta = f.head("bucket", "k", None, deadline=_deadline())
-    f.fetch("bucket", "k", None, ListSink(), max_bytes=100, deadline=_deadline(), meta=meta)
-    assert {"head": 1, "get": 1} == dict(f.requests)
+    old = f.put("bucket", "k", b"old")
+    assert None is f.revalidate("bucket", "k", old.etag, deadline=_deadline())
+    f.put("bucket", "k", b"brand new")
+    first = f.revalidate("bucket", "k", old.etag, deadline=_deadline())
+    assert first is not None
+    sink, _fetched = _fetch(f, first=first)
+    assert (b"brand new", {"get": 2}) == (bytes(sink.buf), dict(f.requests))
 
 
 def test_fetch_version_pins_old_bytes() -> None:
@@ -408,3 +417,12 @@ def test_fetch_version_pins_old_bytes() -> None:
     fetched = f.fetch("bucket", "k", old.version_id, sink, max_bytes=100, deadline=_deadline())
     assert b"version one" == bytes(sink.buf)
     assert old.version_id == fetched.meta.version_id
+
+
+def test_abort_ends_a_fetch_with_unavailable() -> None:
+    """After abort() a fetch fails fast with a clean unavailable."""
+    f = MemoryFetcher()
+    f.put("bucket", "k", b"data")
+    f.abort()
+    with pytest.raises(errors.Unavailable):
+        _fetch(f)

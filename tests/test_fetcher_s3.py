@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import http.client
 import os
+import select
+import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +23,7 @@ from botocore.config import Config as BotoConfig
 
 from assetd import errors
 from assetd.config import S3Config
+from assetd.fetcher import transport
 from assetd.fetcher.base import ObjectChanged, RetryPolicy
 from assetd.fetcher.s3 import (
     CLIENT_ERROR_CODES,
@@ -27,8 +32,11 @@ from assetd.fetcher.s3 import (
     S3Fetcher,
     translate_error,
 )
+from assetd.fetcher.transport import Aborted, BadResponse, RequestTimeout
 from assetd.store import Store
 from tests.support.faultproxy import FaultProxy
+from tests.support.forwardproxy import ForwardProxy
+from tests.support.tls import self_signed, server_context
 
 BUCKET = "assetd-tests"
 
@@ -89,6 +97,9 @@ EXPECTED_EXCEPTIONS: list[tuple[BaseException, str]] = [
     (ConnectionResetError("reset"), "unavailable"),
     (http.client.IncompleteRead(b"", 10), "unavailable"),
     (OSError("no route"), "unavailable"),
+    (RequestTimeout("stalled"), "timeout"),
+    (BadResponse("Content-Length -1"), "unavailable"),
+    (Aborted("shutting down"), "unavailable"),
 ]
 
 
@@ -186,6 +197,7 @@ def _fetcher(proxy: FaultProxy, **overrides: Any) -> S3Fetcher:
         connect_timeout_s=2,
         read_timeout_s=overrides.pop("read_timeout_s", 5),
         max_attempts=overrides.pop("max_attempts", 4),
+        **overrides,
     )
     return S3Fetcher(
         cfg, retry=RetryPolicy(max_attempts=cfg.max_attempts, base_delay_s=0.01, max_delay_s=0.05)
@@ -208,38 +220,32 @@ def _put(s3: Any, key: str, data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def test_fetch_success_verifies_md5_and_sha256(
-    s3: Any, fault_proxy: FaultProxy, store: Store
-) -> None:
-    """A plain object is fetched with one HEAD and one GET, hashed correctly."""
+def test_fetch_success_is_one_get(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """An object no bigger than one part: one GET, no HEAD, MD5 and SHA-256 checked."""
     want = _put(s3, "ok.csv", os.urandom(300_000))
     assert want == _fetch(_fetcher(fault_proxy), store, "ok.csv")
-    assert {"HEAD": 1, "GET": 1} == dict(fault_proxy.counts)
+    assert {"GET": 1} == dict(fault_proxy.counts)
 
 
-def test_fetch_large_object_through_the_pipeline(
-    s3: Any, fault_proxy: FaultProxy, store: Store
-) -> None:
-    """An object above the pipelining threshold hashes the same as hashlib does."""
-    want = _put(s3, "big.bin", os.urandom(9 << 20))
-    assert want == _fetch(_fetcher(fault_proxy), store, "big.bin")
+def test_fetch_large_object_in_parts(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """An object of several parts is fetched as ranged GETs and hashes as hashlib does."""
+    want = _put(s3, "big.bin", os.urandom(9 << 20 | 12345))
+    fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=4)
+    assert want == _fetch(fetcher, store, "big.bin")
+    assert {"GET": 10} == dict(fault_proxy.counts)
+
+
+def test_empty_object(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """An empty object (no byte 0 to range over) is fetched and hashes as empty."""
+    assert _put(s3, "empty", b"") == _fetch(_fetcher(fault_proxy), store, "empty")
 
 
 def test_not_found_is_final(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A missing key is not_found after one HEAD and no GET."""
+    """A missing key is not_found after one GET."""
     with pytest.raises(errors.NotFound) as info:
         _fetch(_fetcher(fault_proxy), store, "missing.csv")
     assert "object s3://assetd-tests/missing.csv does not exist" == info.value.message
-    assert {"HEAD": 1} == dict(fault_proxy.counts)
-
-
-def test_access_denied_is_never_retried(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A 403 on HEAD is access_denied at once."""
-    _put(s3, "secret.csv", b"x")
-    fault_proxy.add(method="HEAD", status=403, code="AccessDenied")
-    with pytest.raises(errors.AccessDenied):
-        _fetch(_fetcher(fault_proxy), store, "secret.csv")
-    assert {"HEAD": 1} == dict(fault_proxy.counts)
+    assert {"GET": 1} == dict(fault_proxy.counts)
 
 
 def test_access_denied_on_get_is_never_retried(
@@ -253,21 +259,24 @@ def test_access_denied_on_get_is_never_retried(
     assert 1 == fault_proxy.counts["GET"]
 
 
-def test_stall_then_retry_succeeds(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A GET that stalls past the read timeout is retried and then succeeds."""
-    want = _put(s3, "stall.csv", os.urandom(10_000))
-    fault_proxy.add(method="GET", stall=2.0, times=1)
-    assert want == _fetch(_fetcher(fault_proxy, read_timeout_s=0.5), store, "stall.csv")
-    assert 2 == fault_proxy.counts["GET"]
+def test_stall_ends_in_timeout_at_read_timeout(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A GET whose answer stalls past read_timeout_s ends with timeout then, not at the deadline."""
+    _put(s3, "stall.csv", os.urandom(10_000))
+    fault_proxy.add(method="GET", stall=3.0, times=1)
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        _fetch(_fetcher(fault_proxy, read_timeout_s=0.5), store, "stall.csv")
+    assert time.monotonic() - started < 2.0
 
 
 def test_slowdown_burst_then_success(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """503 SlowDown twice on HEAD and twice on GET, then the fetch succeeds."""
+    """503 SlowDown twice on GET, then the fetch succeeds."""
     want = _put(s3, "busy.csv", os.urandom(10_000))
-    fault_proxy.add(method="HEAD", status=503, code="SlowDown", times=2)
     fault_proxy.add(method="GET", status=503, code="SlowDown", times=2)
     assert want == _fetch(_fetcher(fault_proxy), store, "busy.csv")
-    assert {"HEAD": 3, "GET": 3} == dict(fault_proxy.counts)
+    assert {"GET": 3} == dict(fault_proxy.counts)
 
 
 def test_retries_exhausted_is_unavailable(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
@@ -280,45 +289,72 @@ def test_retries_exhausted_is_unavailable(s3: Any, fault_proxy: FaultProxy, stor
     assert 3 == fault_proxy.counts["GET"]
 
 
-def test_truncated_body_is_retried(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
-    """A body cut short mid-stream is a transient failure: fetched again whole."""
+def test_truncated_body_resumes_where_it_stopped(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A body cut short mid-stream is resumed with a range from the first missing byte."""
     want = _put(s3, "cut.bin", os.urandom(200_000))
     fault_proxy.add(method="GET", truncate=1000, times=1)
     assert want == _fetch(_fetcher(fault_proxy), store, "cut.bin")
     assert 2 == fault_proxy.counts["GET"]
 
 
-def test_oversize_object_refused_with_zero_gets(
+def test_parts_failing_mid_body_are_byte_exact(
     s3: Any, fault_proxy: FaultProxy, store: Store
 ) -> None:
-    """HEAD's size over the limit refuses the object before any GET."""
-    _put(s3, "huge.bin", os.urandom(5000))
+    """Several parts cut mid-body are each resumed; the result is the object, byte for byte."""
+    data = os.urandom(6 << 20)
+    want = _put(s3, "cuts.bin", data)
+    fault_proxy.add(method="GET", truncate=300_000, times=4)
+    fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=3)
+    assert want == _fetch(fetcher, store, "cuts.bin")
+    assert 6 + 4 == fault_proxy.counts["GET"]
+
+
+def test_oversize_object_refused_after_one_get(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """The first GET's Content-Range over the limit refuses the object: no other request."""
+    _put(s3, "huge.bin", os.urandom(3 << 20))
     with pytest.raises(errors.TooLarge):
-        _fetch(_fetcher(fault_proxy), store, "huge.bin", max_bytes=4999)
-    assert 0 == fault_proxy.counts["GET"]
+        _fetch(_fetcher(fault_proxy, part_size=1 << 20), store, "huge.bin", max_bytes=(3 << 20) - 1)
+    assert {"GET": 1} == dict(fault_proxy.counts)
 
 
-def test_body_longer_than_head_said_is_too_large(
-    s3: Any, fault_proxy: FaultProxy, store: Store
+@pytest.mark.parametrize(
+    "header",
+    [
+        ("Content-Length", "-1"),
+        ("Content-Length", "abc"),
+        ("Content-Range", "bytes 5-9/5000"),
+        ("Content-Range", "bytes 0-99/100"),
+    ],
+    ids=["negative-length", "non-numeric-length", "other-range", "short-range"],
+)
+def test_nonsense_headers_are_unavailable(
+    s3: Any, fault_proxy: FaultProxy, store: Store, header: tuple[str, str]
 ) -> None:
-    """A body longer than HEAD announced is cut off and refused as too_large."""
+    """Nonsense framing headers on every answer end in a retryable unavailable, never internal."""
     _put(s3, "liar.bin", os.urandom(5000))
-    fault_proxy.add(method="HEAD", header=("Content-Length", "100"))
-    with pytest.raises(errors.TooLarge):
-        _fetch(_fetcher(fault_proxy), store, "liar.bin", max_bytes=1000)
+    fault_proxy.add(method="GET", header=header)
+    with pytest.raises(errors.Unavailable) as info:
+        _fetch(_fetcher(fault_proxy, max_attempts=2), store, "liar.bin")
+    assert (True, True) == (info.value.retryable, "BadResponse" in (info.value.detail or ""))
+    assert 2 == fault_proxy.counts["GET"]
     assert [] == list(store.tmp.iterdir())
 
 
-def test_object_replaced_between_head_and_get(
+def test_object_replaced_between_parts_is_byte_exact(
     s3: Any, fault_proxy: FaultProxy, store: Store
 ) -> None:
-    """An object replaced after HEAD yields the new bytes whole, never a mix."""
-    old = os.urandom(100_000)
-    new = os.urandom(100_000)
+    """An object replaced after the first part (412 on the next) yields the new bytes whole."""
+    old = os.urandom(3 << 20)
+    new = os.urandom(3 << 20)
     _put(s3, "moving.csv", old)
+    fault_proxy.add(method="GET", times=1, path="moving", before=lambda: None)
     fault_proxy.add(method="GET", times=1, before=lambda: _put(s3, "moving.csv", new))
-    assert hashlib.sha256(new).hexdigest() == _fetch(_fetcher(fault_proxy), store, "moving.csv")
-    assert 2 == fault_proxy.counts["HEAD"]
+    fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=1)
+    assert hashlib.sha256(new).hexdigest() == _fetch(fetcher, store, "moving.csv")
 
 
 def test_versioned_fetch_is_pinned(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
@@ -352,3 +388,331 @@ def test_deadline_passed_is_timeout(s3: Any, fault_proxy: FaultProxy, store: Sto
     with pytest.raises(errors.Timeout):
         _fetch(fetcher, store, "slow.csv", timeout=0.5)
     assert time.monotonic() - started < 2.0
+
+
+def test_revalidate_unchanged_is_one_304(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """A conditional GET of an unchanged object: one request, answered 304."""
+    _put(s3, "same.csv", b"same")
+    etag = s3.head_object(Bucket=BUCKET, Key="same.csv")["ETag"]
+    fault_proxy.reset()
+    got = _fetcher(fault_proxy).revalidate(BUCKET, "same.csv", etag, deadline=time.monotonic() + 5)
+    assert (None, {"GET": 1}) == (got, dict(fault_proxy.counts))
+
+
+def test_revalidate_changed_reuses_the_answer(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A changed object: the revalidating GET is the new fetch's first part (one request)."""
+    _put(s3, "chg.csv", b"old")
+    etag = s3.head_object(Bucket=BUCKET, Key="chg.csv")["ETag"]
+    want = _put(s3, "chg.csv", b"new content")
+    fault_proxy.reset()
+    fetcher = _fetcher(fault_proxy)
+    deadline = time.monotonic() + 5
+    first = fetcher.revalidate(BUCKET, "chg.csv", etag, deadline=deadline)
+    assert first is not None
+    with store.staged() as staged:
+        got = fetcher.fetch(
+            BUCKET, "chg.csv", None, staged, max_bytes=1 << 20, deadline=deadline, first=first
+        )
+    assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))
+
+
+# --- the transport: idle connections, trickles, proxies -------------------------------
+
+
+def _wait_for(predicate: Any, timeout: float = 5.0) -> bool:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return bool(predicate())
+
+
+def test_server_closed_idle_connection_is_not_reused(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """A kept-alive connection the server closed while idle is replaced: no failed request."""
+    want = _put(s3, "idle.csv", os.urandom(5000))
+    fault_proxy.idle_close = 0.3
+    fetcher = _fetcher(fault_proxy, max_attempts=1)
+    assert want == _fetch(fetcher, store, "idle.csv")
+    assert _wait_for(lambda: 1 == fault_proxy.idle_closed)
+    assert want == _fetch(fetcher, store, "idle.csv")
+    assert ({"GET": 2}, 2, 0) == (
+        dict(fault_proxy.counts),
+        fault_proxy.connections,
+        fetcher._pool.stale_retries,
+    )
+
+
+def test_connection_idle_past_the_bound_is_not_reused(
+    s3: Any, fault_proxy: FaultProxy, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pooled connection idle longer than IDLE_MAX_S is dropped even if the server kept it."""
+    want = _put(s3, "old.csv", os.urandom(5000))
+    fault_proxy.idle_close = 60.0
+    monkeypatch.setattr(transport, "IDLE_MAX_S", 0.2)
+    fetcher = _fetcher(fault_proxy)
+    assert want == _fetch(fetcher, store, "old.csv")
+    assert want == _fetch(fetcher, store, "old.csv")
+    assert 1 == fault_proxy.connections  # reused while fresh
+    time.sleep(0.4)
+    assert want == _fetch(fetcher, store, "old.csv")
+    assert 2 == fault_proxy.connections
+
+
+def test_stale_reused_connection_is_retried_at_once(
+    s3: Any, fault_proxy: FaultProxy, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reused connection that fails before any byte is retried at once, spending no attempt."""
+    want = _put(s3, "race.csv", os.urandom(5000))
+    fault_proxy.idle_close = 0.2
+    fetcher = _fetcher(fault_proxy, max_attempts=1)
+    assert want == _fetch(fetcher, store, "race.csv")
+    assert _wait_for(lambda: 1 == fault_proxy.idle_closed)
+    # the server's close races our reuse: the pool's check cannot see it
+    monkeypatch.setattr(transport.Connection, "usable", lambda self, now: True)
+    assert want == _fetch(fetcher, store, "race.csv")
+    assert (2, 1) == (fault_proxy.connections, fetcher._pool.stale_retries)
+
+
+@pytest.mark.parametrize("rule", ["trickle_headers", "trickle_body"])
+def test_trickle_ends_at_read_timeout_and_closes(
+    s3: Any, fault_proxy: FaultProxy, store: Store, rule: str
+) -> None:
+    """Headers or body sent a byte at a time: timeout at read_timeout_s, connection closed."""
+    _put(s3, "drip.csv", os.urandom(2000))
+    fault_proxy.add(method="GET", trickle_max_s=20.0, **{rule: 0.1})
+    fetcher = _fetcher(fault_proxy, read_timeout_s=1.0)
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        _fetch(fetcher, store, "drip.csv", timeout=30)
+    assert time.monotonic() - started < 2.5
+    assert _wait_for(lambda: bool(fault_proxy.trickle_ended), 3.0)
+    assert fault_proxy.trickle_ended[0] < 3.0  # the proxy saw us hang up
+
+
+def test_trickle_ends_at_the_deadline_before_read_timeout(
+    s3: Any, fault_proxy: FaultProxy, store: Store
+) -> None:
+    """With a deadline shorter than read_timeout_s, a trickling body ends at the deadline."""
+    _put(s3, "drip2.csv", os.urandom(2000))
+    fault_proxy.add(method="GET", trickle_body=0.1, trickle_max_s=20.0)
+    fetcher = _fetcher(fault_proxy, read_timeout_s=30)
+    started = time.monotonic()
+    with pytest.raises(errors.Timeout):
+        _fetch(fetcher, store, "drip2.csv", timeout=1.0)
+    assert time.monotonic() - started < 2.0
+
+
+def test_abort_ends_a_hung_get_promptly(s3: Any, fault_proxy: FaultProxy, store: Store) -> None:
+    """abort() (daemon shutdown) ends a GET hung on a silent server within a second."""
+    _put(s3, "hung.csv", os.urandom(2000))
+    fault_proxy.add(method="GET", trickle_headers=1.0, trickle_max_s=20.0)
+    fetcher = _fetcher(fault_proxy, read_timeout_s=30)
+    threading.Timer(0.5, fetcher.abort).start()
+    started = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        _fetch(fetcher, store, "hung.csv", timeout=30)
+    assert time.monotonic() - started < 2.0
+
+
+def _relay(a: socket.socket, b: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    socks = [a, b]
+    try:
+        while True:
+            ready, _, _ = select.select(socks, [], [], 10)
+            if not ready:
+                return
+            for s in ready:
+                data = s.recv(1 << 16)
+                if not data:
+                    return
+                (b if s is a else a).sendall(data)
+    except OSError:
+        return
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def forward_proxy() -> Iterator[ForwardProxy]:
+    with ForwardProxy() as p:
+        yield p
+
+
+def test_http_proxy_from_env_is_used(
+    s3: Any,
+    fault_proxy: FaultProxy,
+    store: Store,
+    forward_proxy: ForwardProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTP_PROXY (the endpoint is http://) carries the GET, as botocore would send it."""
+    want = _put(s3, "viaproxy.csv", os.urandom(3000))
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert want == _fetch(_fetcher(fault_proxy), store, "viaproxy.csv")
+    assert 1 == len(forward_proxy.requests)
+    assert ("GET", True) == (
+        forward_proxy.requests[0].method,
+        forward_proxy.requests[0].target.startswith(f"{fault_proxy.url}/"),
+    )
+
+
+def test_no_proxy_is_honoured(
+    s3: Any,
+    fault_proxy: FaultProxy,
+    store: Store,
+    forward_proxy: ForwardProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """NO_PROXY naming the endpoint's host sends the GET straight to it."""
+    want = _put(s3, "direct.csv", os.urandom(3000))
+    monkeypatch.setenv("HTTP_PROXY", forward_proxy.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert want == _fetch(_fetcher(fault_proxy), store, "direct.csv")
+    assert ([], {"GET": 1}) == (forward_proxy.requests, dict(fault_proxy.counts))
+
+
+def test_reload_builds_a_new_fetcher_only_for_transport_keys(fault_proxy: FaultProxy) -> None:
+    """A changed endpoint gives a new fetcher sharing counters and stop flag; a limit does not."""
+    old = _fetcher(fault_proxy)
+    same = old.reconfigured(dataclasses.replace(old.config, max_object_bytes=5))
+    new = old.reconfigured(dataclasses.replace(old.config, endpoint_url="http://127.0.0.1:9"))
+    assert same is old
+    assert isinstance(new, S3Fetcher)
+    assert ("http://127.0.0.1:9", True, True) == (
+        new.config.endpoint_url,
+        new.requests is old.requests,
+        new.stopping is old.stopping,
+    )
+
+
+class TLSFront:
+    """TLS on 127.0.0.1 with a fresh self-signed certificate, relayed in clear to a port."""
+
+    def __init__(self, tmp: Path, upstream_port: int) -> None:
+        self.cert, key = self_signed(tmp)
+        self.ctx = server_context(self.cert, key)
+        self.upstream_port = upstream_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                raw, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._one, args=(raw,), daemon=True).start()
+
+    def _one(self, raw: socket.socket) -> None:
+        try:
+            tls = self.ctx.wrap_socket(raw, server_side=True)
+        except (OSError, ssl.SSLError):
+            raw.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+        _relay(tls, upstream)
+        tls.close()
+
+    def stop(self) -> None:
+        self.listener.close()
+
+
+@pytest.fixture
+def tls_front(tmp_path: Path, fault_proxy: FaultProxy) -> Iterator[TLSFront]:
+    front = TLSFront(tmp_path, int(fault_proxy.url.rsplit(":", 1)[1]))
+    yield front
+    front.stop()
+
+
+def _tls_fetcher(front: TLSFront) -> S3Fetcher:
+    cfg = S3Config(
+        endpoint_url=f"https://127.0.0.1:{front.port}",
+        region="us-east-1",
+        addressing_style="path",
+        max_attempts=1,
+    )
+    return S3Fetcher(cfg, retry=RetryPolicy(max_attempts=1))
+
+
+def test_https_proxy_from_env_tunnels_and_ca_bundle_verifies(
+    s3: Any,
+    store: Store,
+    tls_front: TLSFront,
+    forward_proxy: ForwardProxy,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """HTTPS_PROXY carries an https endpoint as a CONNECT tunnel; AWS_CA_BUNDLE verifies it."""
+    want = _put(s3, "tls.csv", os.urandom(3000))
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_front.cert))
+    monkeypatch.setenv("HTTPS_PROXY", forward_proxy.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    assert want == _fetch(_tls_fetcher(tls_front), store, "tls.csv")
+    assert [("CONNECT", f"127.0.0.1:{tls_front.port}")] == [
+        (r.method, r.target) for r in forward_proxy.requests
+    ]
+
+
+def test_https_endpoint_needs_the_ca_bundle(
+    s3: Any, store: Store, tls_front: TLSFront, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without AWS_CA_BUNDLE the self-signed endpoint is refused (unavailable); with it, fetched."""
+    want = _put(s3, "tls2.csv", os.urandom(3000))
+    for var in ("AWS_CA_BUNDLE", "REQUESTS_CA_BUNDLE", "HTTPS_PROXY", "https_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(errors.Unavailable):
+        _fetch(_tls_fetcher(tls_front), store, "tls2.csv")
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(tls_front.cert))
+    assert want == _fetch(_tls_fetcher(tls_front), store, "tls2.csv")
+
+
+def test_refused_connection_is_retried_then_unavailable(store: Store) -> None:
+    """Nothing listening at the endpoint: each attempt is refused, then unavailable (retryable)."""
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        port = probe.getsockname()[1]  # closed again when the block ends
+    cfg = S3Config(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1", max_attempts=3)
+    fetcher = S3Fetcher(cfg, retry=RetryPolicy(max_attempts=3, base_delay_s=0.01))
+    with pytest.raises(errors.Unavailable) as info:
+        _fetch(fetcher, store, "any.csv")
+    assert ("S3 kept failing after 3 attempts", 3) == (info.value.message, fetcher.requests["get"])
+
+
+def test_reload_sends_new_downloads_to_the_new_endpoint(
+    s3: Any, moto_server: str, tmp_path: Path
+) -> None:
+    """AssetService.reconfigure with a new endpoint_url: the next miss goes to the new one."""
+    from assetd.config import load_config
+    from assetd.service import AssetService
+
+    _put(s3, "a.csv", b"first\n")
+    _put(s3, "b.csv", b"second\n")
+    port = int(moto_server.rsplit(":", 1)[1])
+    old_proxy, new_proxy = FaultProxy(port).start(), FaultProxy(port).start()
+    try:
+        cfg = load_config(env={"ASSETD_CACHE_DIR": str(tmp_path / "cache")})
+        s3cfg = S3Config(endpoint_url=old_proxy.url, region="us-east-1", addressing_style="path")
+        cfg = dataclasses.replace(cfg, s3=s3cfg)
+        st = Store(cfg.cache.dir)
+        service = AssetService(cfg, S3Fetcher(cfg.s3), st)
+        try:
+            service.resolve(f"s3://{BUCKET}/a.csv")
+            moved = dataclasses.replace(s3cfg, endpoint_url=new_proxy.url)
+            service.reconfigure(dataclasses.replace(cfg, s3=moved))
+            service.resolve(f"s3://{BUCKET}/b.csv")
+        finally:
+            service.close()
+            st.close()
+        assert ({"GET": 1}, {"GET": 1}) == (dict(old_proxy.counts), dict(new_proxy.counts))
+        assert 2 == service.fetcher.requests["get"]  # counters carry over the reload
+    finally:
+        old_proxy.stop()
+        new_proxy.stop()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from assetd import log
+from assetd.log import redact_urls
 
 
 @pytest.fixture(autouse=True)
@@ -353,3 +354,18 @@ def test_configured_process_renders_library_records_as_json() -> None:
         "logger": "assetd.grader",
         "level": "warning",
     } == {k: event[k] for k in ("event", "job", "logger", "level")}
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("GET http://u:p@h:9/x failed", "GET http://***@h:9/x failed"),
+        ('{"d":"https://u:a/b@c@host/k"}', '{"d":"https://***@host/k"}'),
+        ('{"d":"http://u:a\\"b@host"}', '{"d":"http://***@host"}'),
+        ("s3://bucket/a@b.csv", "s3://bucket/a@b.csv"),
+        ("http://host/x", "http://host/x"),
+    ],
+)
+def test_redact_urls(line: str, expected: str) -> None:
+    """Log lines lose http(s) userinfo whatever the password holds; s3:// sources are kept."""
+    assert expected == redact_urls(line)

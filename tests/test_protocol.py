@@ -60,8 +60,8 @@ RESOLVED = Resolved(
 
 
 def test_ops_are_the_design_ops() -> None:
-    """OPS is exactly DESIGN.md's request table."""
-    assert ("ping", "resolve", "prefetch", "stats") == OPS
+    """OPS is DESIGN.md's request table plus issue 11's admin-only maintenance ops."""
+    assert ("ping", "resolve", "prefetch", "stats", "gc", "verify") == OPS
 
 
 def test_decode_ping() -> None:

@@ -18,8 +18,8 @@ import pytest
 
 from assetd import errors
 from assetd.config import Config, load_config
-from assetd.fetcher.base import Body, ObjectMeta
-from assetd.fetcher.memory import MemoryFetcher
+from assetd.fetcher.base import PartResponse
+from assetd.fetcher.memory import MemoryFetcher, StoredObject
 from assetd.protocol import Resolved
 from assetd.service import AssetService
 from assetd.store import Hit, Store
@@ -100,7 +100,7 @@ def test_miss_then_hit(env: Env) -> None:
     assert "hit" == second.cache
     assert first.path == second.path
     assert first.sha256 == second.sha256
-    assert {"head": 1, "get": 1} == dict(env.fetcher.requests)
+    assert {"get": 1} == dict(env.fetcher.requests)
 
 
 def test_bytes_on_disk_equal_object(env: Env) -> None:
@@ -159,13 +159,13 @@ def test_versioned_resolve(env: Env) -> None:
 
 
 def test_version_never_revalidated(make_env: Callable[..., Env]) -> None:
-    """A version_id is immutable: even with revalidate_after_s=0 a hit sends no HEAD."""
+    """A version_id is immutable: even with revalidate_after_s=0 a hit sends nothing."""
     env = make_env(cache={"revalidate_after_s": 0.0})
     v1 = env.fetcher.put(BUCKET, KEY, DATA, versioned=True)
     env.service.resolve(SRC, version_id=v1.version_id)
-    heads = env.fetcher.requests["head"]
+    sent = sum(env.fetcher.requests.values())
     assert "hit" == env.service.resolve(SRC, version_id=v1.version_id).cache
-    assert heads == env.fetcher.requests["head"]
+    assert sent == sum(env.fetcher.requests.values())
 
 
 def test_not_found(env: Env) -> None:
@@ -175,7 +175,7 @@ def test_not_found(env: Env) -> None:
     assert "not_found" == info.value.code
     assert False is info.value.retryable
     assert 1 == env.service.errors["not_found"]
-    assert 0 == env.fetcher.requests["get"]
+    assert {"get": 1} == dict(env.fetcher.requests)
 
 
 def test_unknown_version_not_found(env: Env) -> None:
@@ -222,13 +222,13 @@ def test_invalid_bucket_is_malformed_even_if_allowlisted(make_env: Callable[...,
     assert 1 == env.service.errors["malformed_uri"]
 
 
-def test_too_large_refused_without_get(make_env: Callable[..., Env]) -> None:
-    """An object over s3.max_object_bytes is TooLarge after HEAD, with zero GETs."""
+def test_too_large_refused_after_first_get(make_env: Callable[..., Env]) -> None:
+    """An object over s3.max_object_bytes is TooLarge after the first GET, with no other."""
     env = make_env(s3={"max_object_bytes": len(DATA) - 1})
     env.fetcher.put(BUCKET, KEY, DATA)
     with pytest.raises(errors.TooLarge):
         env.service.resolve(SRC)
-    assert 0 == env.fetcher.requests["get"]
+    assert {"get": 1} == dict(env.fetcher.requests)
     assert 1 == env.service.errors["too_large"]
     assert [] == [p for p in Path(env.config.cache.dir, "blobs").rglob("*") if p.is_file()]
 
@@ -287,12 +287,12 @@ def test_retries_exhausted_unavailable(env: Env) -> None:
 
 
 def test_access_denied_not_retried(env: Env) -> None:
-    """A 403 from HEAD is AccessDenied at once."""
+    """A 403 from the first GET is AccessDenied at once."""
     env.fetcher.put(BUCKET, KEY, DATA)
-    env.fetcher.faults.head.append(errors.AccessDenied("403"))
+    env.fetcher.faults.get.append(errors.AccessDenied("403"))
     with pytest.raises(errors.AccessDenied):
         env.service.resolve(SRC)
-    assert {"head": 1} == dict(env.fetcher.requests)
+    assert {"get": 1} == dict(env.fetcher.requests)
 
 
 def test_integrity_error_md5(env: Env) -> None:
@@ -317,25 +317,24 @@ def test_integrity_error_sha256(env: Env) -> None:
 
 
 class ReplacingFetcher(MemoryFetcher):
-    """Replaces the object right after the first HEAD, before the GET."""
+    """Replaces the object right after the first GET, before the next part."""
 
     new_data = b"REPLACED: entirely different, and longer, content\n" * 50
 
-    def _head(self, bucket: str, key: str, version_id: str | None, deadline: float) -> ObjectMeta:
-        meta = super()._head(bucket, key, version_id, deadline)
-        if self.requests["head"] == 1:
+    def _get(self, bucket: str, key: str, version_id: str | None, **kw: Any) -> PartResponse:
+        part = super()._get(bucket, key, version_id, **kw)
+        if self.requests["get"] == 1:
             self.put(bucket, key, self.new_data)
-        return meta
+        return part
 
 
-def test_object_replaced_between_head_and_get(make_env: Callable[..., Env]) -> None:
-    """An object replaced mid-fetch yields the new content wholly, never a mix."""
-    env = make_env(fetcher=ReplacingFetcher())
+def test_object_replaced_between_parts(make_env: Callable[..., Env]) -> None:
+    """An object replaced mid-fetch (412 on the second part) yields the new content wholly."""
+    env = make_env(fetcher=ReplacingFetcher(part_size=len(DATA) // 2))
     env.fetcher.put(BUCKET, KEY, DATA)
     res = env.service.resolve(SRC)
     _check_blob(env, res, ReplacingFetcher.new_data)
     assert env.fetcher.objects[(BUCKET, KEY)].etag == res.etag
-    assert 2 == env.fetcher.requests["head"]
 
 
 def test_revalidation_notices_changed_object(make_env: Callable[..., Env]) -> None:
@@ -350,16 +349,16 @@ def test_revalidation_notices_changed_object(make_env: Callable[..., Env]) -> No
     _check_blob(env, second, b"updated dataset\n")
     assert first.path != second.path
     assert DATA == first.path.read_bytes()  # the old blob is never rewritten
-    assert {"head": 2, "get": 2} == dict(env.fetcher.requests)
+    assert {"get": 2} == dict(env.fetcher.requests)  # the conditional GET was the new fetch
 
 
 def test_revalidation_unchanged_is_hit(make_env: Callable[..., Env]) -> None:
-    """With revalidate_after_s=0 an unchanged object costs one HEAD and no GET."""
+    """With revalidate_after_s=0 an unchanged object costs one conditional GET (a 304)."""
     env = make_env(cache={"revalidate_after_s": 0.0})
     env.fetcher.put(BUCKET, KEY, DATA)
     env.service.resolve(SRC)
     assert "hit" == env.service.resolve(SRC).cache
-    assert {"head": 2, "get": 1} == dict(env.fetcher.requests)
+    assert {"get": 2} == dict(env.fetcher.requests)
 
 
 def test_no_revalidation_within_window(make_env: Callable[..., Env]) -> None:
@@ -371,7 +370,7 @@ def test_no_revalidation_within_window(make_env: Callable[..., Env]) -> None:
     res = env.service.resolve(SRC)
     assert "hit" == res.cache
     assert DATA == res.path.read_bytes()
-    assert {"head": 1, "get": 1} == dict(env.fetcher.requests)
+    assert {"get": 1} == dict(env.fetcher.requests)
 
 
 def test_tampered_blob_is_refetched(env: Env) -> None:
@@ -442,7 +441,7 @@ def test_unexpected_exception_becomes_internal(make_env: Callable[..., Env]) -> 
     """A bug in a fetcher surfaces as InternalError, counted as 'internal'."""
 
     class Buggy(MemoryFetcher):
-        def _open(self, meta: ObjectMeta, deadline: float) -> Body:
+        def _get(self, bucket: str, key: str, version_id: str | None, **kw: Any) -> PartResponse:
             raise RuntimeError("bug")
 
     env = make_env(fetcher=Buggy())
@@ -462,9 +461,9 @@ class GatedFetcher(MemoryFetcher):
         super().__init__()
         self.release = threading.Event()
 
-    def _open(self, meta: ObjectMeta, deadline: float) -> Body:
+    def _get(self, bucket: str, key: str, version_id: str | None, **kw: Any) -> PartResponse:
         assert self.release.wait(WAIT)
-        return super()._open(meta, deadline)
+        return super()._get(bucket, key, version_id, **kw)
 
 
 class CountingStore(Store):
@@ -566,7 +565,7 @@ def test_serve_stale_on_error(make_env: Callable[..., Env]) -> None:
     env = make_env(cache={"revalidate_after_s": 0.0, "serve_stale_on_error": True})
     env.fetcher.put(BUCKET, KEY, DATA)
     env.service.resolve(SRC)
-    env.fetcher.faults.head.extend(
+    env.fetcher.faults.get.extend(
         errors.Unavailable("x") for _ in range(env.fetcher.retry.max_attempts)
     )
     before = time.time()
@@ -583,7 +582,7 @@ def test_no_stale_when_disabled(make_env: Callable[..., Env]) -> None:
     env = make_env(cache={"revalidate_after_s": 0.0, "serve_stale_on_error": False})
     env.fetcher.put(BUCKET, KEY, DATA)
     env.service.resolve(SRC)
-    env.fetcher.faults.head.extend(
+    env.fetcher.faults.get.extend(
         errors.Unavailable("x") for _ in range(env.fetcher.retry.max_attempts)
     )
     with pytest.raises(errors.Unavailable):
@@ -591,12 +590,12 @@ def test_no_stale_when_disabled(make_env: Callable[..., Env]) -> None:
 
 
 def test_not_found_is_cached_briefly(make_env: Callable[..., Env]) -> None:
-    """Within negative_ttl_s a second resolve of a missing object sends no HEAD."""
+    """Within negative_ttl_s a second resolve of a missing object sends no request."""
     env = make_env(cache={"negative_ttl_s": 60.0})
     for _ in range(2):
         with pytest.raises(errors.NotFound):
             env.service.resolve(SRC)
-    assert 1 == env.fetcher.requests["head"]
+    assert 1 == env.fetcher.requests["get"]
     assert 2 == env.service.errors["not_found"]
 
 
@@ -625,21 +624,21 @@ def test_negative_cache_is_per_object(make_env: Callable[..., Env]) -> None:
 
 
 def test_access_denied_is_cached_briefly(make_env: Callable[..., Env]) -> None:
-    """Within negative_ttl_s a second resolve after a 403 sends no HEAD."""
+    """Within negative_ttl_s a second resolve after a 403 sends no request."""
     env = make_env(cache={"negative_ttl_s": 60.0})
     env.fetcher.put(BUCKET, KEY, DATA)
-    env.fetcher.faults.head.append(errors.AccessDenied("403"))
+    env.fetcher.faults.get.append(errors.AccessDenied("403"))
     for _ in range(2):
         with pytest.raises(errors.AccessDenied):
             env.service.resolve(SRC)
-    assert 1 == env.fetcher.requests["head"]
+    assert 1 == env.fetcher.requests["get"]
 
 
 def test_transient_errors_are_not_negative_cached(make_env: Callable[..., Env]) -> None:
     """An unavailable answer is not cached: the next resolve asks S3 again."""
     env = make_env(cache={"negative_ttl_s": 60.0})
     env.fetcher.put(BUCKET, KEY, DATA)
-    env.fetcher.faults.head.extend(
+    env.fetcher.faults.get.extend(
         errors.Unavailable("x") for _ in range(env.fetcher.retry.max_attempts)
     )
     with pytest.raises(errors.Unavailable):
@@ -653,7 +652,7 @@ def test_negative_ttl_zero_disables_cache(make_env: Callable[..., Env]) -> None:
     for _ in range(2):
         with pytest.raises(errors.NotFound):
             env.service.resolve(SRC)
-    assert 2 == env.fetcher.requests["head"]
+    assert 2 == env.fetcher.requests["get"]
 
 
 def test_negative_cache_expires(make_env: Callable[..., Env]) -> None:
@@ -664,3 +663,32 @@ def test_negative_cache_expires(make_env: Callable[..., Env]) -> None:
     env.fetcher.put(BUCKET, KEY, DATA)
     time.sleep(0.1)
     assert "miss" == env.service.resolve(SRC).cache
+
+
+def _put_null_version(fetcher: MemoryFetcher, data: bytes) -> None:
+    """What S3 does for a bucket with versioning suspended: the write replaces version "null"."""
+    obj = StoredObject(data=data, etag=f'"{hashlib.md5(data).hexdigest()}"', version_id="null")  # noqa: S324
+    fetcher.objects[(BUCKET, KEY)] = obj
+    fetcher.versions[(BUCKET, KEY, "null")] = obj
+
+
+def test_null_version_is_revalidated_after_an_overwrite(make_env: Callable[..., Env]) -> None:
+    """version_id "null" is overwritable: revalidated, never served stale (issue 11, Why 7)."""
+    env = make_env(cache={"revalidate_after_s": 0.0})
+    _put_null_version(env.fetcher, b"first contents")
+    first = env.service.resolve(SRC, version_id="null")
+    _put_null_version(env.fetcher, b"second contents")
+    second = env.service.resolve(SRC, version_id="null")
+    assert "miss" == second.cache
+    assert b"second contents" == second.path.read_bytes()
+    assert first.sha256 != second.sha256
+
+
+def test_null_version_hit_within_revalidate_after_s(make_env: Callable[..., Env]) -> None:
+    """An unchanged "null" version is re-checked once per revalidate_after_s, like no version."""
+    env = make_env(cache={"revalidate_after_s": 3600.0})
+    _put_null_version(env.fetcher, b"contents")
+    env.service.resolve(SRC, version_id="null")
+    heads = env.fetcher.requests["head"]
+    assert "hit" == env.service.resolve(SRC, version_id="null").cache
+    assert heads == env.fetcher.requests["head"]

@@ -118,7 +118,7 @@ def test_never_evicts_a_pinned_entry(make_env: Callable[..., Env]) -> None:
         env.service.resolve(extra)
     assert info.value.retryable
     assert 1 == env.service.errors["cache_full"]
-    assert 10 == env.fetcher.requests["get"]  # refused before downloading
+    assert 11 == env.fetcher.requests["get"]  # refused on the first GET's size, nothing written
     _assert_blobs_intact(env)
     for i, (src, path) in enumerate(zip(sources, paths, strict=True)):
         res = env.service.resolve(src)
@@ -170,13 +170,13 @@ def test_shared_blob_stays_while_one_key_is_pinned(make_env: Callable[..., Env])
 
 
 def test_revalidate_every_resolve_unchanged_is_hit(make_env: Callable[..., Env]) -> None:
-    """revalidate_after_s=0: each resolve sends one HEAD; unchanged objects are hits, no GET."""
+    """revalidate_after_s=0: each resolve sends one conditional GET; unchanged objects are hits."""
     env = make_env(revalidate_after_s=0.0)
     src = env.put("reval/a.csv", b"a,b\n1,2\n")
     assert "miss" == env.service.resolve(src).cache
     for n in range(2, 5):
         assert "hit" == env.service.resolve(src).cache
-        assert {"head": n, "get": 1} == dict(env.fetcher.requests)
+        assert {"get": n} == dict(env.fetcher.requests)
 
 
 def test_revalidate_every_resolve_changed_is_miss(make_env: Callable[..., Env]) -> None:
@@ -190,7 +190,7 @@ def test_revalidate_every_resolve_changed_is_miss(make_env: Callable[..., Env]) 
     assert b"new bytes\n" == res.path.read_bytes()
     assert new_obj.etag == res.etag
     assert b"old\n" == old.path.read_bytes()
-    assert {"head": 2, "get": 2} == dict(env.fetcher.requests)
+    assert {"get": 2} == dict(env.fetcher.requests)
     assert "hit" == env.service.resolve(src).cache
 
 
@@ -203,7 +203,7 @@ def test_overwrite_unseen_within_revalidation_window(make_env: Callable[..., Env
     res = env.service.resolve(src)
     assert "hit" == res.cache
     assert b"first\n" == res.path.read_bytes()
-    assert {"head": 1, "get": 1} == dict(env.fetcher.requests)
+    assert {"get": 1} == dict(env.fetcher.requests)
 
 
 def test_stale_served_when_revalidation_fails(make_env: Callable[..., Env]) -> None:
@@ -212,12 +212,12 @@ def test_stale_served_when_revalidation_fails(make_env: Callable[..., Env]) -> N
     src = env.put("reval/d.csv", b"keep serving me\n")
     first = env.service.resolve(src)
     attempts = env.fetcher.retry.max_attempts
-    env.fetcher.faults.head.extend(errors.Unavailable("S3 down") for _ in range(attempts))
+    env.fetcher.faults.get.extend(errors.Unavailable("S3 down") for _ in range(attempts))
     res = env.service.resolve(src)
     assert "stale" == res.cache
     assert first.path == res.path
     assert b"keep serving me\n" == res.path.read_bytes()
-    assert 1 + attempts == env.fetcher.requests["head"]
+    assert 1 + attempts == env.fetcher.requests["get"]
     assert 1 == env.service.counters["stale"]
     assert "hit" == env.service.resolve(src).cache  # S3 back: revalidated again, not stuck stale
 
@@ -227,7 +227,7 @@ def test_revalidation_retry_that_recovers_is_hit(make_env: Callable[..., Env]) -
     env = make_env(revalidate_after_s=0.0)
     src = env.put("reval/e.csv", b"flaky\n")
     env.service.resolve(src)
-    env.fetcher.faults.head.append(errors.Unavailable("blip"))
+    env.fetcher.faults.get.append(errors.Unavailable("blip"))
     assert "hit" == env.service.resolve(src).cache
     assert 0 == env.service.counters["stale"]
 

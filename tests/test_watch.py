@@ -226,3 +226,29 @@ def test_watch_file_added_while_running_reloads(
     beside.write_text('[assets."b"]\nsource = "s3://bkt/k"\n')
     # exact counts depend on the debounce under load: each save reloads at least once
     assert (True, True) == (after_first >= 1, _wait_for(lambda: reloads.count > after_first))
+
+
+def test_reading_a_blob_generates_no_watcher_callbacks(
+    store: Store, start_watcher: Callable[[], Watcher]
+) -> None:
+    """open()/read() loops on a blob reach the watcher's handler 0 times (issue 11, Why 6)."""
+    sha = _commit(store, b"student data" * 100)
+    watcher = start_watcher()
+    time.sleep(0.2)  # the commit's own events, if any, arrive before we count
+    before = watcher.blob_handler.events
+    for _ in range(500):
+        with open(store.blob_path(sha), "rb") as f:
+            f.read()
+    time.sleep(QUIET)
+    assert 0 == watcher.blob_handler.events - before
+
+
+def test_a_chmod_still_reaches_the_watcher(
+    store: Store, start_watcher: Callable[[], Watcher]
+) -> None:
+    """Filtering reads keeps attribute changes: a chmod on a blob is checked and quarantined."""
+    sha = _commit(store, b"chmod me")
+    start_watcher()
+    time.sleep(0.2)
+    os.chmod(store.blob_path(sha), 0o644)  # changes ctime: the fingerprint no longer matches
+    assert _wait_for(lambda: not store.blob_path(sha).exists())

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 from collections import deque
 from dataclasses import dataclass, field
 
 from assetd.errors import AssetError, NotFound
-from assetd.fetcher.base import Body, Fetcher, ObjectChanged, ObjectMeta, RetryPolicy
+from assetd.fetcher.base import (
+    Fetcher,
+    NotModified,
+    ObjectChanged,
+    ObjectMeta,
+    PartResponse,
+    RetryPolicy,
+)
 
 __all__ = ["MemoryFetcher", "StoredObject"]
 
@@ -19,7 +25,8 @@ class StoredObject:
     data: bytes
     etag: str
     version_id: str | None = None
-    checksum_sha256: str | None = None
+    # full-object checksums as S3 returns them: algorithm -> base64
+    checksums: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -28,16 +35,39 @@ class _Faults:
     get: deque[AssetError] = field(default_factory=deque)
 
 
-class _MemoryBody(io.BytesIO):
-    def readinto(self, buf: memoryview) -> int:  # type: ignore[override]
-        return super().readinto(buf)
+class _MemoryPart:
+    def __init__(self, meta: ObjectMeta, data: bytes, start: int, end: int) -> None:
+        self.meta, self.start, self.end = meta, start, end
+        self._view = memoryview(data)[start:end]
+
+    def readinto(self, buf: memoryview) -> int:
+        n = min(len(buf), len(self._view))
+        buf[:n] = self._view[:n]
+        self._view = self._view[n:]
+        return n
+
+    def set_deadline(self, deadline: float) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
 
 
 class MemoryFetcher(Fetcher):
     """Objects live in ``self.objects[(bucket, key)]``; versions are kept too."""
 
-    def __init__(self, retry: RetryPolicy | None = None) -> None:
-        super().__init__(retry or RetryPolicy(base_delay_s=0.0, max_delay_s=0.0))
+    def __init__(
+        self,
+        retry: RetryPolicy | None = None,
+        *,
+        part_size: int = 4 << 20,
+        max_concurrency: int = 4,
+    ) -> None:
+        super().__init__(
+            retry or RetryPolicy(base_delay_s=0.0, max_delay_s=0.0),
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+        )
         self.objects: dict[tuple[str, str], StoredObject] = {}
         self.versions: dict[tuple[str, str, str], StoredObject] = {}
         self.faults = _Faults()
@@ -51,9 +81,9 @@ class MemoryFetcher(Fetcher):
             data=data,
             etag=f'"{hashlib.md5(data).hexdigest()}"',  # noqa: S324 - S3's ETag is an MD5
             version_id=f"v{self._seq}" if versioned else None,
-            checksum_sha256=base64.b64encode(hashlib.sha256(data).digest()).decode()
+            checksums={"sha256": base64.b64encode(hashlib.sha256(data).digest()).decode()}
             if checksum
-            else None,
+            else {},
         )
         self.objects[(bucket, key)] = obj
         if obj.version_id:
@@ -70,11 +100,8 @@ class MemoryFetcher(Fetcher):
             raise NotFound(f"object s3://{bucket}/{key} does not exist")
         return found
 
-    def _head(self, bucket: str, key: str, version_id: str | None, deadline: float) -> ObjectMeta:
-        self._count("head")
-        if self.faults.head:
-            raise self.faults.head.popleft()
-        obj = self._lookup(bucket, key, version_id)
+    def _meta(self, bucket: str, key: str, obj: StoredObject, *, whole: bool) -> ObjectMeta:
+        full, composite = ObjectMeta.split_checksums(dict(obj.checksums), None)
         return ObjectMeta(
             bucket=bucket,
             key=key,
@@ -82,14 +109,49 @@ class MemoryFetcher(Fetcher):
             etag=obj.etag,
             version_id=obj.version_id,
             md5=ObjectMeta.md5_from_etag(obj.etag, encrypted=False),
-            sha256=ObjectMeta.sha256_from_checksum(obj.checksum_sha256, None),
+            checksums=full if whole else (),
+            composite=composite if whole else (),
         )
 
-    def _open(self, meta: ObjectMeta, deadline: float) -> Body:
+    def _head(
+        self,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        deadline: float,
+        *,
+        if_match: str | None = None,
+    ) -> ObjectMeta:
+        self._count("head")
+        if self.faults.head:
+            raise self.faults.head.popleft()
+        obj = self._lookup(bucket, key, version_id)
+        if if_match is not None and obj.etag != if_match:
+            raise ObjectChanged(key)
+        return self._meta(bucket, key, obj, whole=True)
+
+    def _get(
+        self,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        *,
+        start: int,
+        end: int | None,
+        deadline: float,
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> PartResponse:
         self._count("get")
         if self.faults.get:
             raise self.faults.get.popleft()
-        obj = self._lookup(meta.bucket, meta.key, meta.version_id)
-        if obj.etag != meta.etag:
-            raise ObjectChanged(meta.key)
-        return _MemoryBody(obj.data)
+        obj = self._lookup(bucket, key, version_id)
+        if if_match is not None and obj.etag != if_match:
+            raise ObjectChanged(key)
+        if if_none_match is not None and obj.etag == if_none_match:
+            raise NotModified(key)
+        size = len(obj.data)
+        stop = size if end is None else min(end, size)
+        # like S3, a range answer carries no full-object checksum
+        meta = self._meta(bucket, key, obj, whole=start == 0 and stop == size and end is None)
+        return _MemoryPart(meta, obj.data, start, stop)

@@ -1,10 +1,12 @@
 """The S3 fetcher, and the one place S3 failures become AssetErrors.
 
 boto3 does what it is good at: the default credential chain, endpoint and
-addressing-style resolution, and SigV4 signing (as presigned URLs, which
-live seconds). The bytes move over a small keep-alive pool of ``http.client``
-connections: boto3's per-call overhead (~2 ms here) dominated small fetches,
-and urllib3 copies every chunk of a large body once more than needed.
+addressing-style resolution, SigV4 signing (as presigned URLs, which live
+seconds), and the resolved transport settings (``ca_bundle``, ``proxies``).
+The bytes move over :mod:`assetd.fetcher.transport`: boto3's per-call
+overhead (~2 ms here) dominated small fetches, urllib3 copies every chunk of
+a large body once more than needed, and neither bounds a trickling response
+by a deadline.
 
 Everything that can fail at this boundary, an S3 error response, a socket
 error or a botocore credential error, goes through :func:`translate_error`.
@@ -13,13 +15,10 @@ error or a botocore credential error, goes through :func:`translate_error`.
 from __future__ import annotations
 
 import http.client
-import os
 import re
 import ssl
 import threading
-import time
-import urllib.parse
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any, cast
 
 import boto3
@@ -27,8 +26,33 @@ import botocore.exceptions as bce
 from botocore.config import Config as BotoConfig
 
 from assetd.config import S3Config
-from assetd.errors import AccessDenied, AssetError, BadRequest, InternalError, NotFound, Unavailable
-from assetd.fetcher.base import Body, Fetcher, ObjectChanged, ObjectMeta, RetryPolicy
+from assetd.errors import (
+    AccessDenied,
+    AssetError,
+    BadRequest,
+    InternalError,
+    NotFound,
+    Timeout,
+    Unavailable,
+)
+from assetd.fetcher.base import (
+    CHECKSUM_ALGORITHMS,
+    Fetcher,
+    NotModified,
+    ObjectChanged,
+    ObjectMeta,
+    PartResponse,
+    RetryPolicy,
+)
+from assetd.fetcher.transport import (
+    Aborted,
+    BadResponse,
+    Pool,
+    ProxyResolver,
+    RequestTimeout,
+    Response,
+)
+from assetd.log import get_logger
 
 __all__ = [
     "CLIENT_ERROR_CODES",
@@ -91,6 +115,9 @@ EXCEPTION_TYPES: tuple[tuple[type[BaseException], type[AssetError]], ...] = (
     (bce.CredentialRetrievalError, AccessDenied),
     (bce.ParamValidationError, BadRequest),
     (ssl.SSLError, Unavailable),
+    (RequestTimeout, Timeout),
+    (BadResponse, Unavailable),
+    (Aborted, Unavailable),
     (TimeoutError, Unavailable),
     (ConnectionError, Unavailable),
     (http.client.HTTPException, Unavailable),
@@ -102,6 +129,7 @@ _MESSAGES: dict[type[AssetError], str] = {
     AccessDenied: "access to {uri} was denied by S3",
     BadRequest: "S3 rejected the request for {uri} as invalid",
     Unavailable: "S3 is unavailable",
+    Timeout: "S3 did not answer {uri} in time",
 }
 _SPECIAL = {
     "RequestTimeTooSkewed": "access to {uri} was denied by S3: host clock is skewed",
@@ -116,8 +144,8 @@ _SPECIAL = {
 _ERROR_CODE = re.compile(rb"<Code>([^<]{1,128})</Code>")
 
 
-class _NotModified(Exception):
-    """A conditional HEAD answered 304: the object still has the ETag we hold."""
+log = get_logger("assetd.fetcher.s3")
+_CONTENT_RANGE = re.compile(r"^bytes (\d{1,20})-(\d{1,20})/(\d{1,20})$")
 
 
 class S3ErrorResponse(Exception):
@@ -160,89 +188,40 @@ def translate_error(
         if isinstance(exc, etype):
             if cls is AccessDenied:
                 return AccessDenied("no usable S3 credentials on the daemon", detail=str(exc))
+            if isinstance(exc, Aborted):
+                return Unavailable("assetd is shutting down", detail=str(exc))
             return cls(_MESSAGES[cls].format(uri=uri), detail=f"{type(exc).__name__}: {exc}")
     return InternalError("unexpected error while fetching from S3", detail=repr(exc))
 
 
-@dataclass(frozen=True, slots=True)
-class _Target:
-    scheme: str
-    netloc: str
-    path: str
+def _length(value: str | None) -> int:
+    if value is None or not value.strip().isdigit() or len(value.strip()) > 20:
+        raise BadResponse(f"invalid Content-Length {value!r}")
+    return int(value.strip())
 
 
-class _Pool:
-    """Idle keep-alive connections per host; a connection is only ever used by one request."""
-
-    def __init__(self, config: S3Config, size: int) -> None:
-        self.config = config
-        self.size = size
-        self._idle: dict[tuple[str, str], list[http.client.HTTPConnection]] = {}
-        self._lock = threading.Lock()
-        self._ssl: ssl.SSLContext | None = None
-
-    def _ssl_context(self) -> ssl.SSLContext:
-        if self._ssl is None:
-            from botocore.httpsession import get_cert_path
-
-            bundle = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
-            self._ssl = ssl.create_default_context(cafile=bundle or None)
-        return self._ssl
-
-    def get(self, target: _Target) -> http.client.HTTPConnection:
-        with self._lock:
-            idle = self._idle.get((target.scheme, target.netloc))
-            if idle:
-                return idle.pop()
-        timeout = self.config.connect_timeout_s
-        if target.scheme == "https":
-            return http.client.HTTPSConnection(
-                target.netloc, timeout=timeout, context=self._ssl_context()
-            )
-        return http.client.HTTPConnection(target.netloc, timeout=timeout)
-
-    def put(self, target: _Target, conn: http.client.HTTPConnection) -> None:
-        with self._lock:
-            idle = self._idle.setdefault((target.scheme, target.netloc), [])
-            if len(idle) < self.size:
-                idle.append(conn)
-                return
-        conn.close()
-
-
-class _HTTPBody:
-    """A GET response body; its connection goes back to the pool once fully read."""
+class _S3Part:
+    """A GET's answer as the base fetcher sees it (a :class:`PartResponse`)."""
 
     def __init__(
-        self,
-        pool: _Pool,
-        target: _Target,
-        conn: http.client.HTTPConnection,
-        resp: Any,
-        meta: ObjectMeta,
+        self, resp: Response, meta: ObjectMeta, start: int, end: int, read_timeout: float
     ) -> None:
-        self._pool, self._target, self._conn, self._resp, self._meta = (
-            pool,
-            target,
-            conn,
-            resp,
-            meta,
-        )
+        self._resp, self.meta, self.start, self.end = resp, meta, start, end
+        self._read_timeout = read_timeout
 
     def readinto(self, buf: memoryview) -> int:
         try:
-            return int(self._resp.readinto(buf))
+            return self._resp.readinto(buf)
         except Exception as exc:
-            self._conn.close()
-            raise translate_error(
-                exc, self._meta.bucket, self._meta.key, self._meta.version_id
-            ) from exc
+            self._resp.close()
+            err = translate_error(exc, self.meta.bucket, self.meta.key, self.meta.version_id)
+            raise err from exc
+
+    def set_deadline(self, deadline: float) -> None:
+        self._resp.set_deadline(deadline, self._read_timeout)
 
     def close(self) -> None:
-        if self._resp.isclosed() and not self._resp.will_close:
-            self._pool.put(self._target, self._conn)
-        else:
-            self._conn.close()  # unread bytes left: the connection cannot be reused
+        self._resp.release()  # kept alive only if the body was read to its end
 
 
 class S3Fetcher(Fetcher):
@@ -257,8 +236,16 @@ class S3Fetcher(Fetcher):
         session: boto3.session.Session | None = None,
         max_connections: int = 16,
         retry: RetryPolicy | None = None,
+        stopping: threading.Event | None = None,
+        requests: Counter[str] | None = None,
     ) -> None:
-        super().__init__(retry or RetryPolicy(max_attempts=config.max_attempts))
+        super().__init__(
+            retry or RetryPolicy(max_attempts=config.max_attempts),
+            part_size=config.part_size,
+            max_concurrency=config.max_concurrency,
+            stopping=stopping,
+            requests=requests,
+        )
         self.config = config
         self.session = session or boto3.session.Session()
         boto_config = BotoConfig(
@@ -269,64 +256,126 @@ class S3Fetcher(Fetcher):
         self.client: Any = self.session.client(
             "s3", endpoint_url=config.endpoint_url, config=boto_config
         )
-        self._pool = _Pool(config, max_connections)
+        self._verify = self._resolved_verify()
+        self._ssl: ssl.SSLContext | None = None
+        self._pool = Pool(
+            connect_timeout=config.connect_timeout_s,
+            read_timeout=config.read_timeout_s,
+            ssl_context=self._ssl_context,
+            proxies=ProxyResolver(getattr(self.client.meta.config, "proxies", None)),
+            max_idle=max(max_connections, 2 * config.max_concurrency),
+            stop=self.stopping,
+        )
+
+    def _resolved_verify(self) -> bool | str:
+        """botocore's own answer: ca_bundle from the config file, AWS_CA_BUNDLE, or its default."""
+        http_session = getattr(getattr(self.client, "_endpoint", None), "http_session", None)
+        verify = getattr(http_session, "_verify", True)
+        return verify if isinstance(verify, bool | str) else True
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            from botocore.httpsession import get_cert_path
+
+            if self._verify is False:
+                ctx = ssl.create_default_context()
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_NONE
+            else:
+                ctx = ssl.create_default_context(
+                    cafile=get_cert_path(cast(Any, self._verify)) or None
+                )
+            self._ssl = ctx
+        return self._ssl
+
+    # [s3] keys the transport is built from; the others (allowlists, limits) are policy
+    TRANSPORT_KEYS = (
+        "endpoint_url",
+        "region",
+        "addressing_style",
+        "connect_timeout_s",
+        "read_timeout_s",
+        "max_attempts",
+        "part_size",
+        "max_concurrency",
+    )
+
+    def reconfigured(self, s3: S3Config) -> Fetcher:
+        """A new fetcher (new client, pool and settings) if a transport key changed.
+
+        Downloads in flight finish on this one; both share the stop flag and
+        the request counters.
+        """
+        changed = [k for k in self.TRANSPORT_KEYS if getattr(s3, k) != getattr(self.config, k)]
+        if not changed:
+            return self
+        log.info("reload: new S3 settings apply to new downloads", keys=changed)
+        return S3Fetcher(
+            s3,
+            max_connections=self._pool.max_idle,
+            stopping=self.stopping,
+            requests=self.requests,
+        )
+
+    def abort(self) -> None:
+        super().abort()
+        self._pool.abort()
+
+    def close(self) -> None:
+        self._pool.close()
 
     def credential_source(self) -> str | None:
         """Which provider in boto3's chain found credentials (never the secrets)."""
         creds = self.session.get_credentials()
         return None if creds is None else str(getattr(creds, "method", "unknown"))
 
-    def _request(
+    def _send(
         self,
         method: str,
         operation: str,
         params: dict[str, Any],
         headers: dict[str, str],
         deadline: float,
-    ) -> tuple[_Target, http.client.HTTPConnection, Any]:
-        """Sign, send and read the status line; non-2xx raises S3ErrorResponse."""
+    ) -> Response:
+        """Sign, send and read the headers; non-2xx (except 304) raises S3ErrorResponse."""
         url = self.client.generate_presigned_url(
             operation, Params=params, ExpiresIn=self.PRESIGN_EXPIRES_S
         )
-        parts = urllib.parse.urlsplit(url)
-        target = _Target(parts.scheme, parts.netloc, f"{parts.path}?{parts.query}")
-        conn = self._pool.get(target)
-        timeout = max(0.001, min(self.config.read_timeout_s, deadline - time.monotonic()))
-        try:
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            conn.timeout = min(self.config.connect_timeout_s, timeout)
-            conn.request(method, target.path, headers=headers)
-            if conn.sock is not None:
-                conn.sock.settimeout(timeout)
-            resp = conn.getresponse()
-        except Exception:
-            conn.close()
-            raise
-        if 200 <= resp.status < 300:
-            return target, conn, resp
-        try:
-            body = resp.read() if method == "HEAD" else resp.read(64 * 1024)
-        except Exception:
-            conn.close()
-            raise
+        resp = self._pool.request(method, url, headers, deadline)
+        if 200 <= resp.status < 300 or resp.status == 304:
+            return resp
+        body = resp.read(64 * 1024)
+        resp.release()
         found = _ERROR_CODE.search(body)
         code = found.group(1).decode("utf-8", "replace") if found else ""
-        if resp.isclosed() and not resp.will_close:
-            self._pool.put(target, conn)
-        else:
-            conn.close()
         raise S3ErrorResponse(resp.status, code, resp.reason)
 
-    def revalidate(self, bucket: str, key: str, etag: str, *, deadline: float) -> ObjectMeta | None:
-        """A conditional HEAD (If-None-Match): 304 means unchanged, without a body."""
-        try:
-            meta = self._retrying(
-                lambda: self._head(bucket, key, None, deadline, if_none_match=etag), deadline
+    def _meta(self, resp: Response, bucket: str, key: str, version_id: str | None, size: int,
+              *, whole: bool) -> ObjectMeta:  # fmt: skip
+        h = resp.header
+        vid = h("x-amz-version-id")
+        sse = h("x-amz-server-side-encryption")
+        encrypted = (sse not in (None, "AES256")) or bool(
+            h("x-amz-server-side-encryption-customer-algorithm")
+        )
+        etag = h("ETag") or ""
+        full: tuple[tuple[str, str], ...] = ()
+        composite: tuple[tuple[str, str], ...] = ()
+        if whole:  # a ranged answer's checksum headers, if any, are not the object's
+            full, composite = ObjectMeta.split_checksums(
+                {a: h(f"x-amz-checksum-{a}") for a in CHECKSUM_ALGORITHMS},
+                h("x-amz-checksum-type"),
             )
-        except _NotModified:
-            return None
-        return meta
+        return ObjectMeta(
+            bucket=bucket,
+            key=key,
+            size=size,
+            etag=etag,
+            version_id=vid if vid and vid != "null" else version_id,
+            md5=ObjectMeta.md5_from_etag(etag, encrypted=encrypted),
+            checksums=full,
+            composite=composite,
+        )
 
     def _head(
         self,
@@ -335,57 +384,117 @@ class S3Fetcher(Fetcher):
         version_id: str | None,
         deadline: float,
         *,
-        if_none_match: str | None = None,
+        if_match: str | None = None,
     ) -> ObjectMeta:
         params: dict[str, Any] = {"Bucket": bucket, "Key": key, "ChecksumMode": "ENABLED"}
         if version_id:
             params["VersionId"] = version_id
         headers = {"x-amz-checksum-mode": "ENABLED"}
-        if if_none_match:
-            headers["If-None-Match"] = if_none_match
+        if if_match:
+            headers["If-Match"] = if_match
         self._count("head")
         try:
-            target, conn, resp = self._request("HEAD", "head_object", params, headers, deadline)
-            try:
-                resp.read()
-            except Exception:
-                conn.close()
-                raise
-            self._pool.put(target, conn)
-            size = int(resp.getheader("Content-Length", ""))
-        except S3ErrorResponse as exc:
-            if exc.status == 304 and if_none_match:
-                raise _NotModified from None
+            resp = self._send("HEAD", "head_object", params, headers, deadline)
+            resp.release()
+            if resp.status == 304:
+                raise S3ErrorResponse(304, "", resp.reason)
+            size = _length(resp.header("Content-Length"))
+            return self._meta(resp, bucket, key, version_id, size, whole=True)
+        except BadResponse as exc:
+            log.warning("nonsense answer from S3", op="HEAD", error=str(exc))
             raise translate_error(exc, bucket, key, version_id) from exc
         except Exception as exc:
             raise translate_error(exc, bucket, key, version_id) from exc
-        h = resp.getheader
-        vid = h("x-amz-version-id")
-        sse = h("x-amz-server-side-encryption")
-        encrypted = (sse not in (None, "AES256")) or bool(
-            h("x-amz-server-side-encryption-customer-algorithm")
-        )
-        etag = h("ETag", "")
-        return ObjectMeta(
-            bucket=bucket,
-            key=key,
-            size=size,
-            etag=etag,
-            version_id=vid if vid and vid != "null" else version_id,
-            md5=ObjectMeta.md5_from_etag(etag, encrypted=encrypted),
-            sha256=ObjectMeta.sha256_from_checksum(
-                h("x-amz-checksum-sha256"), h("x-amz-checksum-type")
-            ),
-        )
 
-    def _open(self, meta: ObjectMeta, deadline: float) -> Body:
-        params: dict[str, Any] = {"Bucket": meta.bucket, "Key": meta.key}
-        if meta.version_id:
-            params["VersionId"] = meta.version_id
-        headers = {"If-Match": meta.etag} if meta.etag else {}
+    def _get(
+        self,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        *,
+        start: int,
+        end: int | None,
+        deadline: float,
+        if_match: str | None = None,
+        if_none_match: str | None = None,
+    ) -> PartResponse:
+        params: dict[str, Any] = {"Bucket": bucket, "Key": key}
+        headers: dict[str, str] = {}
+        if version_id:
+            params["VersionId"] = version_id
+        if start == 0:  # a whole-object answer then carries S3's full-object checksums
+            params["ChecksumMode"] = "ENABLED"
+            headers["x-amz-checksum-mode"] = "ENABLED"
+        if end is not None:
+            headers["Range"] = f"bytes={start}-{end - 1}"
+        elif start:
+            headers["Range"] = f"bytes={start}-"
+        if if_match:
+            headers["If-Match"] = if_match
+        if if_none_match:
+            headers["If-None-Match"] = if_none_match
         self._count("get")
         try:
-            target, conn, resp = self._request("GET", "get_object", params, headers, deadline)
+            resp = self._send("GET", "get_object", params, headers, deadline)
+        except S3ErrorResponse as exc:
+            if exc.status == 416 and start == 0 and end is not None:
+                # an empty object has no byte 0: ask for all of it instead
+                return self._get(
+                    bucket, key, version_id, start=0, end=None, deadline=deadline,
+                    if_match=if_match, if_none_match=if_none_match,
+                )  # fmt: skip
+            raise translate_error(exc, bucket, key, version_id) from exc
+        except BadResponse as exc:
+            log.warning("nonsense answer from S3", op="GET", error=str(exc))
+            raise translate_error(exc, bucket, key, version_id) from exc
         except Exception as exc:
-            raise translate_error(exc, meta.bucket, meta.key, meta.version_id) from exc
-        return _HTTPBody(self._pool, target, conn, resp, meta)
+            raise translate_error(exc, bucket, key, version_id) from exc
+        if resp.status == 304:
+            resp.release()
+            raise NotModified(key)
+        try:
+            meta, got_start, got_end = self._framing(
+                resp, bucket, key, version_id, start=start, end=end
+            )
+        except BadResponse as exc:
+            resp.close()
+            log.warning("nonsense answer from S3", op="GET", error=str(exc),
+                        content_range=resp.header("Content-Range"),
+                        content_length=resp.header("Content-Length"))  # fmt: skip
+            raise translate_error(exc, bucket, key, version_id) from exc
+        return _S3Part(resp, meta, got_start, got_end, self.config.read_timeout_s)
+
+    def _framing(
+        self,
+        resp: Response,
+        bucket: str,
+        key: str,
+        version_id: str | None,
+        *,
+        start: int,
+        end: int | None,
+    ) -> tuple[ObjectMeta, int, int]:
+        """Object metadata and the body's byte range, checked against the request."""
+        if resp.length is None:
+            raise BadResponse("GET answer without a Content-Length")
+        length = resp.length
+        if resp.status == 206:
+            m = _CONTENT_RANGE.match(resp.header("Content-Range") or "")
+            if m is None:
+                raise BadResponse(f"unusable Content-Range {resp.header('Content-Range')!r}")
+            first, last, total = (int(g) for g in m.groups())
+            want_last = min(end if end is not None else total, total) - 1
+            if first != start or last != want_last or last - first + 1 != length:
+                raise BadResponse(
+                    f"Content-Range {first}-{last}/{total} (length {length}) "
+                    f"does not answer bytes {start}-{want_last}"
+                )
+            size, got_end = total, last + 1
+        elif resp.status == 200:
+            if start != 0:
+                raise BadResponse("a whole object answered a request for a range")
+            size, got_end = length, length
+        else:
+            raise BadResponse(f"unexpected status {resp.status}")
+        whole = start == 0 and got_end == size
+        return self._meta(resp, bucket, key, version_id, size, whole=whole), start, got_end

@@ -52,7 +52,7 @@ def test_wrong_keys_are_access_denied(seaweedfs: SeaweedFS, bucket: Any, tmp_pat
     try:
         with pytest.raises(errors.AccessDenied):
             service.resolve(f"s3://{BUCKET}/datasets/denied.csv")
-        assert {"head": 1} == dict(service.fetcher.requests)
+        assert {"get": 1} == dict(service.fetcher.requests)
     finally:
         service.close()
 
@@ -142,3 +142,88 @@ def test_check_cli_reports_denied_and_policy(
 
 def secret_free(text: str) -> bool:
     return all(secret not in text for secret in (READER_KEY[1], ADMIN_KEY[1], "worse"))
+
+
+@pytest.mark.parametrize("kind", ["plain-md5", "crc64nvme-multipart"])
+def test_corrupted_body_of_same_length_is_never_cached(
+    seaweedfs: SeaweedFS, bucket: Any, tmp_path: Path, kind: str
+) -> None:
+    """A body flipped in transit (same length) fails verification: integrity, nothing cached.
+
+    SeaweedFS 4.48 stores a full-object CRC64NVME for a multipart upload made
+    with ChecksumAlgorithm=CRC64NVME and returns it on HEAD with
+    x-amz-checksum-mode; the ETag (-N) gives no MD5, so that CRC is the only check.
+    """
+    from tests.support.faultproxy import FaultProxy
+
+    key = f"datasets/corrupt-{kind}.bin"
+    data = os.urandom(11 << 20 if kind != "plain-md5" else 300_000)
+    if kind == "plain-md5":
+        bucket.put_object(Bucket=BUCKET, Key=key, Body=data)
+    else:
+        src = tmp_path / "src.bin"
+        src.write_bytes(data)
+        cfg = TransferConfig(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+        bucket.upload_file(
+            str(src), BUCKET, key, Config=cfg, ExtraArgs={"ChecksumAlgorithm": "CRC64NVME"}
+        )
+        head = bucket.head_object(Bucket=BUCKET, Key=key, ChecksumMode="ENABLED")
+        assert ("FULL_OBJECT", True) == (head.get("ChecksumType"), "ChecksumCRC64NVME" in head)
+    proxy = FaultProxy(int(seaweedfs.endpoint_url.rsplit(":", 1)[1])).start()
+    try:
+        proxy.add(method="GET", corrupt=1000)
+        cfg = _config(seaweedfs, tmp_path / "cache")
+        cfg = replace(cfg, s3=replace(cfg.s3, endpoint_url=proxy.url, max_attempts=2))
+        session = boto3.session.Session(
+            aws_access_key_id=READER_KEY[0], aws_secret_access_key=READER_KEY[1]
+        )
+        service = AssetService(cfg, S3Fetcher(cfg.s3, session=session), Store(cfg.cache.dir))
+        try:
+            with pytest.raises(errors.IntegrityError):
+                service.resolve(f"s3://{BUCKET}/{key}")
+            assert None is service.store.lookup(BUCKET, key, None)
+            blobs = [p for p in Path(cfg.cache.dir, "blobs").rglob("*") if p.is_file()]
+            assert [] == blobs
+            proxy.rules.clear()  # the path is clean again: the true bytes are cached
+            assert (
+                hashlib.sha256(data).hexdigest() == service.resolve(f"s3://{BUCKET}/{key}").sha256
+            )
+        finally:
+            service.close()
+            service.store.close()
+    finally:
+        proxy.stop()
+
+
+def test_empty_object_is_fetched(seaweedfs: SeaweedFS, bucket: Any, tmp_path: Path) -> None:
+    """An empty object (no byte 0 for the first part's range) resolves to an empty blob."""
+    bucket.put_object(Bucket=BUCKET, Key="datasets/empty.csv", Body=b"")
+    service = _service(seaweedfs, tmp_path / "cache")
+    try:
+        res = service.resolve(f"s3://{BUCKET}/datasets/empty.csv")
+    finally:
+        service.close()
+    assert (0, hashlib.sha256(b"").hexdigest(), b"") == (
+        res.size,
+        res.sha256,
+        res.path.read_bytes(),
+    )
+
+
+def test_check_cli_beside_an_owner_uses_a_scratch_cache(
+    seaweedfs: SeaweedFS, bucket: Any, tmp_path: Path
+) -> None:
+    """`assetd check` while a daemon owns the cache fetches into a scratch dir, not the cache."""
+    from assetd.store import Store
+
+    body = b"name,rating\nScratch,5\n"
+    bucket.put_object(Bucket=BUCKET, Key="datasets/tp2/S.CSV", Body=body)
+    owner = Store(tmp_path / "cache", lock=True)
+    try:
+        proc = _check(seaweedfs, tmp_path, f"s3://{BUCKET}/datasets/tp2/S.CSV", READER_KEY)
+        blobs = list((tmp_path / "cache" / "blobs" / "sha256").glob("*/*"))
+    finally:
+        owner.close()
+    assert 0 == proc.returncode, proc.stderr
+    report = json.loads(proc.stdout)
+    assert ("scratch", "miss", []) == (report["cache"], report["result"]["cache"], blobs)

@@ -1,0 +1,177 @@
+"""Unit tests for the daemon's background work and maintenance ops (issue 11, Why 5 and 8).
+
+An in-process Daemon over a MemoryFetcher: the pin flush survives failures
+and says so in ``stats``, recovery retries, shutdown on a failing disk is one
+log line, and only admins may run ``gc``/``verify``.
+"""
+
+# House style puts the expected value on the left of ==.
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import io
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from assetd import log, server
+from assetd.background import Background
+from assetd.config import load_config
+from assetd.fetcher.memory import MemoryFetcher
+from assetd.server import Daemon
+from assetd.service import AssetService
+from assetd.store import Store
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """The daemon's log lines, as JSON."""
+    stream = io.StringIO()
+    log.configure("json", "info", stream=stream)
+    yield stream
+    log.configure("json", "info", stream=io.StringIO())
+
+
+def _daemon(tmp_path: Path, **daemon_keys: Any) -> Daemon:
+    cfg = load_config(env={"ASSETD_CACHE_DIR": str(tmp_path / "cache")})
+    cfg = dataclasses.replace(cfg, daemon=dataclasses.replace(cfg.daemon, **daemon_keys))
+    store = Store(cfg.cache.dir, lock=True)
+    return Daemon(cfg, AssetService(cfg, MemoryFetcher(), store))
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[Daemon]:
+    """A daemon that is never started: its parts are driven directly."""
+    d = _daemon(tmp_path)
+    yield d
+    d.requests.shutdown(wait=False)
+    d.prefetches.shutdown(wait=False)
+    d.service.close()
+    d.service.store.close()
+    d.loop.close()
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    log.flush()
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+def test_close_on_a_failing_disk_is_one_line_and_status_1(
+    daemon: Daemon, logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Shutdown whose last flush fails: status 1, one error line, no exception (Why 8)."""
+
+    def read_only() -> int:
+        raise sqlite3.OperationalError("attempt to write a readonly database")
+
+    monkeypatch.setattr(daemon.service.store, "flush", read_only)
+    assert 1 == daemon._close()
+    errors = [line for line in _lines(logs) if line["level"] == "error"]
+    assert ["could not write pins to the index at exit"] == [e["event"] for e in errors]
+
+
+def test_flush_loop_survives_failures_and_reports_them(
+    daemon: Daemon, logs: io.StringIO, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failing flush is logged, retried, shown in stats; the loop goes on (Why 8)."""
+    monkeypatch.setattr(server, "FLUSH_EVERY_S", 0.01)
+    daemon.background = Background(base_delay_s=0.01, max_delay_s=0.02)
+    outcomes = iter([OSError("disk full"), OSError("disk full"), None, None])
+    calls = []
+
+    def flaky() -> int:
+        calls.append(1)
+        error = next(outcomes, None)
+        if error is not None:
+            raise error
+        return 0
+
+    monkeypatch.setattr(daemon.service.store, "flush", flaky)
+
+    async def run() -> dict[str, Any]:
+        task = asyncio.ensure_future(daemon._flush_loop())
+        deadline = daemon.loop.time() + 10
+        while len(calls) < 2 and daemon.loop.time() < deadline:
+            await asyncio.sleep(0.005)
+        failing = daemon.background.snapshot().get("flush", {})
+        while len(calls) < 4 and daemon.loop.time() < deadline and not task.done():
+            await asyncio.sleep(0.005)
+        task.cancel()
+        return failing
+
+    failing = daemon.loop.run_until_complete(run())
+    stats = daemon.stats()
+    assert 4 == len(calls)
+    assert (False, 2) == (failing.get("ok"), failing.get("failures"))
+    assert (True, 0, 2) == (
+        stats["background"]["flush"]["ok"],
+        stats["background"]["flush"]["failures"],
+        stats["background"]["flush"]["total_failures"],
+    )
+    assert stats["last_flush_ok"] is not None
+    events = [line["event"] for line in _lines(logs)]
+    assert "background task failed; retrying" in events
+    assert "background task recovered" in events
+
+
+def test_recovery_is_retried_until_it_succeeds(
+    daemon: Daemon, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Start-up recovery that fails is retried with backoff, not abandoned (Why 8)."""
+    daemon.background = Background(base_delay_s=0.01, max_delay_s=0.02)
+    real = daemon.service.store.recover
+    failures = [OSError("I/O error"), OSError("I/O error")]
+
+    def flaky() -> Any:
+        if failures:
+            raise failures.pop()
+        return real()
+
+    monkeypatch.setattr(daemon.service.store, "recover", flaky)
+    daemon._recover()
+    state = daemon.background.snapshot()["recovery"]
+    assert (True, 2) == (state["ok"], state["total_failures"])
+    assert daemon.service.store.recovered.is_set()
+
+
+@pytest.mark.parametrize(
+    ("keys", "peer", "admitted"),
+    [
+        ({}, (1, 0, 0), True),  # root
+        ({}, (1, 4242, 4242), False),
+        ({"admin_uids": (4242,)}, (1, 4242, 4242), True),
+        ({"admin_gids": (77,)}, (1, 4242, 77), True),
+        ({"admin_gids": (77,)}, (1, 4242, 78), False),
+    ],
+)
+def test_admin_check(
+    tmp_path: Path, keys: dict[str, Any], peer: tuple[int, int, int], admitted: bool
+) -> None:
+    """gc/verify: root, the daemon's own uid, admin_uids and admin_gids; nobody else."""
+    d = _daemon(tmp_path, **keys)
+    try:
+        assert admitted == d.admin_allowed(*peer)
+    finally:
+        d.requests.shutdown(wait=False)
+        d.prefetches.shutdown(wait=False)
+        d.service.store.close()
+        d.loop.close()
+
+
+def test_metrics_show_a_failing_background_task(daemon: Daemon) -> None:
+    """assetd_background_ok{task} is 0 while the task fails, 1 once it succeeds again."""
+    from prometheus_client import generate_latest
+
+    daemon.background.failed("flush", OSError("disk full"))
+    failing = generate_latest(daemon.export.registry).decode()
+    daemon.background.ok("flush")
+    ok = generate_latest(daemon.export.registry).decode()
+    assert 'assetd_background_ok{task="flush"} 0.0' in failing
+    assert 'assetd_background_ok{task="flush"} 1.0' in ok
+    assert 'assetd_background_failures_total{task="flush"} 1.0' in ok
