@@ -16,7 +16,7 @@ import click
 from assetd import __version__
 from assetd.client import AssetdClient, DaemonUnreachable
 from assetd.config import Config, load_config
-from assetd.errors import AssetError, ConfigError
+from assetd.errors import AssetError, ConfigError, UnsupportedScheme
 
 __all__ = ["main"]
 
@@ -69,13 +69,46 @@ class _Report:
         sys.exit(0 if err is None else 1)
 
 
+def _check_catalog(cfg: Config) -> Any:
+    """The catalog ``check`` needs for an asset:// source."""
+    from assetd.catalog import catalog_path, load_catalog
+
+    path = catalog_path(cfg.catalog.file, cfg.path)
+    if path is None:
+        raise UnsupportedScheme("asset:// sources need a catalog, and none is configured")
+    try:
+        return load_catalog(path)
+    except ConfigError as exc:
+        _fail(f"assetd: invalid catalog: {exc}", 2)
+
+
+def _check_store(stack: contextlib.ExitStack, report: _Report, cfg: Config) -> tuple[Config, Any]:
+    """The cache ``check`` fills: the configured one, or a scratch dir if a daemon owns it."""
+    from assetd.store import CacheLocked, Store
+
+    try:
+        return cfg, Store(cfg.cache.dir, lock=True)
+    except CacheLocked:
+        # the daemon owns the cache: fetch into a private one, thrown away after
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="assetd-check-"))
+        report.add("cache", "scratch", "a scratch dir: the daemon owns the cache")
+        return replace(cfg, cache=replace(cfg.cache, dir=scratch)), Store(scratch, lock=True)
+
+
 def _check(report: _Report, cfg: Config, source: str, version_id: str | None) -> None:
     from assetd.fetcher.s3 import S3Fetcher
     from assetd.service import AssetService
-    from assetd.store import CacheLocked, Store
-    from assetd.uri import parse_s3
+    from assetd.uri import AssetAlias, parse_remote
 
-    parsed = parse_s3(source)
+    parsed_any = parse_remote(source)
+    catalog = None
+    if isinstance(parsed_any, AssetAlias):
+        catalog = _check_catalog(cfg)
+        entry = catalog.get(parsed_any.name)
+        report.add("catalog", entry.to_dict(), f"{catalog.path}: -> {entry.source}")
+        parsed, version_id = entry.source, version_id or entry.version_id
+    else:
+        parsed = parsed_any
     report.add(
         "parsed",
         {"bucket": parsed.bucket, "key": parsed.key, "version_id": version_id},
@@ -104,15 +137,9 @@ def _check(report: _Report, cfg: Config, source: str, version_id: str | None) ->
         f"size={meta.size} etag={meta.etag} version_id={meta.version_id} verify={checks}",
     )
     with contextlib.ExitStack() as stack:
-        try:
-            store = Store(cfg.cache.dir, lock=True)
-        except CacheLocked:
-            # the daemon owns the cache: fetch into a private one, thrown away after
-            scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="assetd-check-"))
-            cfg = replace(cfg, cache=replace(cfg.cache, dir=scratch))
-            store = Store(scratch, lock=True)
-            report.add("cache", "scratch", "a scratch dir: the daemon owns the cache")
+        cfg, store = _check_store(stack, report, cfg)
         service = AssetService(cfg, fetcher, store)
+        service.set_catalog(catalog)
         try:
             started = time.perf_counter()
             resolved = service.resolve(source, version_id)
@@ -199,6 +226,7 @@ def serve(config_path: str | None, grace: float) -> None:
     help="Deadline in seconds.",
 )
 @click.option("--job", default=None, help="Caller label logged with the result.")
+@click.option("--sha256", default=None, help="Content pin: these bytes or content_mismatch.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole answer as JSON.")
 @_socket_option
 def get(
@@ -206,13 +234,14 @@ def get(
     version_id: str | None,
     timeout_s: float | None,
     job: str | None,
+    sha256: str | None,
     as_json: bool,
     socket_path: str | None,
 ) -> None:
     """Ask the daemon for SOURCE and print its local path."""
     with _client(socket_path, timeout=(timeout_s or 300) + 5) as client:
         try:
-            res = client.resolve(source, version_id, timeout_s=timeout_s, job=job)
+            res = client.resolve(source, version_id, timeout_s=timeout_s, job=job, sha256=sha256)
         except DaemonUnreachable as exc:
             _unreachable(exc)
         except AssetError as exc:
@@ -223,12 +252,12 @@ def get(
     click.echo(json.dumps({"ok": True, **res.to_dict()}) if as_json else str(res.path))
 
 
-def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
-    """Sources named on the command line, or read from setup-config / list files."""
-    found: list[tuple[str, str | None]] = []
+def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None, str | None]]:
+    """Sources (with version_id and sha256) named on the command line or read from files."""
+    found: list[tuple[str, str | None, str | None]] = []
     for arg in args:
         if "://" in arg or not os.path.isfile(arg):
-            found.append((arg, None))
+            found.append((arg, None, None))
             continue
         try:
             with open(arg, encoding="utf-8") as f:
@@ -240,15 +269,21 @@ def _sources_from(args: tuple[str, ...]) -> list[tuple[str, str | None]]:
             _fail(f'assetd: {arg}: expected {{"assets": [...]}} or a list of sources', 2)
         for item in items:
             if isinstance(item, str):
-                found.append((item, None))
+                found.append((item, None, None))
             elif (
                 isinstance(item, dict)
                 and isinstance(item.get("source"), str)
                 and isinstance(item.get("version_id"), str | None)
+                and isinstance(item.get("sha256"), str | None)
             ):
-                found.append((item["source"], item.get("version_id")))
+                # a locked setup config warms exactly its pinned content
+                found.append((item["source"], item.get("version_id"), item.get("sha256")))
             else:
-                _fail(f"assetd: {arg}: each entry needs a string 'source' (and 'version_id')", 2)
+                _fail(
+                    f"assetd: {arg}: each entry needs a string 'source' "
+                    "(and 'version_id', 'sha256')",
+                    2,
+                )
     return found
 
 
@@ -286,7 +321,7 @@ def prefetch(
                 _unreachable(exc)
             except AssetError as exc:
                 _fail(f"{exc.code}: {exc.message}", 1)
-            for (source, _vid), res in zip(chunk, results, strict=True):
+            for (source, _vid, _sha), res in zip(chunk, results, strict=True):
                 if isinstance(res, AssetError):
                     summary["errors"] += 1
                     failures.append(f"{source}: {res.code}: {res.message}")
@@ -513,6 +548,142 @@ def show_config(config_path: str | None, as_json: bool) -> None:
         else:
             shown = json.dumps(list(value) if isinstance(value, tuple) else value)
         click.echo(f"{name:<{width}} = {shown:<40} # {row['origin']}")
+
+
+@cli.command()
+@click.argument("setup", type=click.Path(exists=True, dir_okay=False))
+@click.option("--check", is_flag=True, help="Change nothing; exit 1 if any entry drifted.")
+@click.option("--upgrade", is_flag=True, help="Drop existing pins; lock the current objects.")
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=None, help="Deadline per asset.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_socket_option
+def lock(
+    setup: str,
+    check: bool,
+    upgrade: bool,
+    timeout_s: float | None,
+    as_json: bool,
+    socket_path: str | None,
+) -> None:
+    """Pin each asset of SETUP (a setup config) to its current content, in place."""
+    from assetd.lockfile import lock_setup
+
+    if check and upgrade:
+        _fail("assetd: --check and --upgrade do not go together", 2)
+    with _client(socket_path, timeout=(timeout_s or 300) + 5) as client:
+        try:
+            report = lock_setup(setup, client, check=check, upgrade=upgrade, timeout_s=timeout_s)
+        except DaemonUnreachable as exc:
+            _unreachable(exc)
+        except AssetError as exc:
+            _fail(f"assetd: {setup}: {exc.code}: {exc.message}", 2)
+        except OSError as exc:
+            _fail(f"assetd: cannot read {setup}: {exc.strerror}", 2)
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+    else:
+        for entry in report.entries:
+            click.echo(entry.line())
+        if check:
+            verdict = "drifted" if report.problems else "matches its lock"
+            click.echo(f"{setup}: {len(report.problems)} of {len(report.entries)} {verdict}")
+        elif report.problems:
+            click.echo(f"{setup}: not written: {len(report.problems)} assets failed", err=True)
+        else:
+            click.echo(f"{setup}: {'written' if report.written else 'already locked'}")
+    sys.exit(1 if report.problems else 0)
+
+
+@cli.group()
+def catalog() -> None:
+    """The asset:// catalog: list its entries, check that each resolves."""
+
+
+def _load_catalog(cfg: Config, file: str | None) -> Any:
+    from assetd.catalog import catalog_path, load_catalog
+
+    path = file or catalog_path(cfg.catalog.file, cfg.path)
+    if not path:
+        _fail("assetd: no catalog: set catalog.file (or ASSETD_CATALOG_FILE), or pass --file", 2)
+    try:
+        return load_catalog(path)
+    except ConfigError as exc:
+        _fail(f"assetd: invalid catalog: {exc}", 2)
+
+
+_catalog_file = click.option(
+    "--file", "file", type=click.Path(), default=None, help="Catalog file (default: catalog.file)."
+)
+
+
+@catalog.command("list")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@_catalog_file
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def catalog_list(config_path: str | None, file: str | None, as_json: bool) -> None:
+    """Print the catalog's entries (no daemon needed)."""
+    cat = _load_catalog(_load(config_path), file)
+    rows = [e.to_dict() for e in cat.entries.values()]
+    if as_json:
+        click.echo(json.dumps({"file": cat.path, "entries": rows}))
+        return
+    click.echo(f"# catalog file: {cat.path} ({len(rows)} entries)")
+    for row in rows:
+        pins = "".join(f" {k}={row[k]}" for k in ("version_id", "sha256") if row[k] is not None)
+        click.echo(f"asset://{row['name']} -> {row['source']}{pins}")
+
+
+@catalog.command("check")
+@click.option("--config", "config_path", type=click.Path(), default=None, help="TOML config file.")
+@_catalog_file
+@click.option("--timeout", "timeout_s", type=_SECONDS, default=None, help="Deadline per entry.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_socket_option
+def catalog_check(
+    config_path: str | None,
+    file: str | None,
+    timeout_s: float | None,
+    as_json: bool,
+    socket_path: str | None,
+) -> None:
+    """Validate the catalog file, then resolve every name through the daemon."""
+    cfg = _load(config_path)
+    cat = _load_catalog(cfg, file)
+    results = []
+    with _client(socket_path or cfg.daemon.socket, timeout=(timeout_s or 300) + 5) as client:
+        for entry in cat.entries.values():
+            row: dict[str, Any] = {"name": entry.name, "source": str(entry.source)}
+            try:
+                res = client.resolve(f"asset://{entry.name}", timeout_s=timeout_s, job="catalog")
+            except DaemonUnreachable as exc:
+                _unreachable(exc)
+            except AssetError as exc:
+                row["error"] = exc.to_dict()
+            else:
+                row.update(resolved_source=res.resolved_source, sha256=res.sha256, size=res.size)
+                if res.resolved_source != str(entry.source):
+                    # the daemon runs another catalog than this file: a failed or pending reload
+                    row["error"] = {
+                        "code": "stale_catalog",
+                        "message": f"the daemon resolves it to {res.resolved_source}; reload it",
+                    }
+            results.append(row)
+    failed = [r for r in results if "error" in r]
+    if as_json:
+        click.echo(json.dumps({"file": cat.path, "entries": results}))
+    else:
+        for r in results:
+            if "error" in r:
+                click.echo(
+                    f"FAIL asset://{r['name']}: {r['error']['code']}: {r['error']['message']}"
+                )
+            else:
+                click.echo(
+                    f"ok   asset://{r['name']} -> {r['resolved_source']} "
+                    f"sha256 {r['sha256'][:12]} {r['size']} bytes"
+                )
+        click.echo(f"{cat.path}: {len(results) - len(failed)} of {len(results)} resolve")
+    sys.exit(1 if failed else 0)
 
 
 def main() -> None:

@@ -45,6 +45,17 @@ class DaemonUnreachable(Unavailable):
         self.denied = denied
 
 
+def _prefetch_item(
+    s: str | tuple[str, str | None] | tuple[str, str | None, str | None],
+) -> str | dict[str, Any]:
+    if isinstance(s, str):
+        return s
+    item: dict[str, Any] = {"source": s[0], "version_id": s[1]}
+    if len(s) > 2 and s[2] is not None:
+        item["sha256"] = s[2]
+    return item
+
+
 class AssetdClient:
     """Talk to assetd over its Unix socket; safe to share between threads."""
 
@@ -159,11 +170,18 @@ class AssetdClient:
         *,
         timeout_s: float | None = None,
         job: str | None = None,
+        sha256: str | None = None,
     ) -> Resolved:
-        """A local path for ``source``; raises the daemon's AssetError on failure."""
+        """A local path for ``source``; raises the daemon's AssetError on failure.
+
+        With ``sha256``, the daemon answers exactly those bytes or
+        ``content_mismatch``.
+        """
         request: dict[str, Any] = {"op": "resolve", "source": source}
         if version_id is not None:
             request["version_id"] = version_id
+        if sha256 is not None:
+            request["sha256"] = sha256
         if timeout_s is not None:
             request["timeout_s"] = timeout_s
         if job is not None:
@@ -172,12 +190,17 @@ class AssetdClient:
         return Resolved.from_dict(self._checked(request, timeout=wait))
 
     def prefetch(
-        self, sources: Iterable[str | tuple[str, str | None]], *, timeout_s: float | None = None
+        self,
+        sources: Iterable[str | tuple[str, str | None] | tuple[str, str | None, str | None]],
+        *,
+        timeout_s: float | None = None,
     ) -> list[Resolved | AssetError]:
-        """Warm the cache; one Resolved or AssetError per source, in order."""
-        items: list[Any] = [
-            s if isinstance(s, str) else {"source": s[0], "version_id": s[1]} for s in sources
-        ]
+        """Warm the cache; one Resolved or AssetError per source, in order.
+
+        Each source is a string, ``(source, version_id)`` or
+        ``(source, version_id, sha256)``.
+        """
+        items: list[Any] = [_prefetch_item(s) for s in sources]
         request: dict[str, Any] = {"op": "prefetch", "sources": items}
         if timeout_s is not None:
             request["timeout_s"] = timeout_s
@@ -265,11 +288,12 @@ class AssetdClientPool:
         *,
         timeout_s: float | None = None,
         job: str | None = None,
+        sha256: str | None = None,
     ) -> Resolved:
         """As :meth:`AssetdClient.resolve`, on a connection no other thread is using."""
         client, generation = self._borrow()
         try:
-            return client.resolve(source, version_id, timeout_s=timeout_s, job=job)
+            return client.resolve(source, version_id, timeout_s=timeout_s, job=job, sha256=sha256)
         finally:
             self._give_back(client, generation)
 

@@ -118,6 +118,11 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class CatalogConfig:
+    file: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -125,6 +130,7 @@ class Config:
     local: LocalConfig = field(default_factory=LocalConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    catalog: CatalogConfig = field(default_factory=CatalogConfig)
     path: str | None = None
     origins: Mapping[str, str] = field(default_factory=dict)
 
@@ -151,6 +157,7 @@ SECTIONS: dict[str, type[Any]] = {
     "local": LocalConfig,
     "log": LogConfig,
     "metrics": MetricsConfig,
+    "catalog": CatalogConfig,
 }
 
 
@@ -290,6 +297,7 @@ _CONVERTERS: dict[str, Callable[[object], Any]] = {
     "metrics.listen": _opt_text,
     "metrics.textfile": _opt_text,
     "metrics.socket": _opt_text,
+    "catalog.file": _opt_text,
 }
 
 # DESIGN.md's env overrides: variable -> key.
@@ -301,6 +309,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "ASSET_S3_ENDPOINT_URL": "s3.endpoint_url",
     "ASSETD_SOCKET": "daemon.socket",
     "ASSETD_CACHE_DIR": "cache.dir",
+    "ASSETD_CATALOG_FILE": "catalog.file",
 }
 CONFIG_ENV = "ASSETD_CONFIG"
 

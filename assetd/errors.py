@@ -12,7 +12,8 @@
     │   └── Forbidden               forbidden
     ├── ObjectError                 S3 answered no; never retryable
     │   ├── NotFound                not_found
-    │   └── AccessDenied            access_denied
+    │   ├── AccessDenied            access_denied
+    │   └── ContentMismatch         content_mismatch
     └── TransientError              worth asking again later
         ├── Timeout                 timeout
         ├── Unavailable             unavailable
@@ -40,6 +41,7 @@ __all__ = [
     "BadRequest",
     "CacheFull",
     "ConfigError",
+    "ContentMismatch",
     "Forbidden",
     "IntegrityError",
     "InternalError",
@@ -137,6 +139,21 @@ class AccessDenied(ObjectError):
     code = "access_denied"
 
 
+class ContentMismatch(ObjectError):
+    """The object is not the content a ``sha256`` pin names: asking again cannot help."""
+
+    code = "content_mismatch"
+
+    @staticmethod
+    def for_digests(expected: str, actual: str) -> ContentMismatch:
+        """The deterministic message: both digests, shortened to 12 hex characters."""
+        return ContentMismatch(
+            f"the object's content (sha256 {actual[:12]}...) is not the pinned content "
+            f"(sha256 {expected[:12]}...)",
+            detail=f"expected {expected}, got {actual}",
+        )
+
+
 class TransientError(AssetError):
     retryable = True
 
@@ -176,6 +193,7 @@ _BY_CODE: dict[str, type[AssetError]] = {
         Forbidden,
         NotFound,
         AccessDenied,
+        ContentMismatch,
         Timeout,
         Unavailable,
         IntegrityError,

@@ -36,7 +36,7 @@ import tarfile
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ from assetd.errors import (
     AssetError,
     BadRequest,
     ConfigError,
+    ContentMismatch,
     IntegrityError,
     MalformedURI,
     NotAllowed,
@@ -52,8 +53,10 @@ from assetd.errors import (
     TooLarge,
     Unavailable,
 )
+from assetd.manifest import Manifest, ManifestEntry
+from assetd.pins import check_sha256
 from assetd.protocol import Resolved
-from assetd.uri import LocalSource, parse_source
+from assetd.uri import AssetAlias, LocalSource, parse_source
 
 __all__ = [
     "AssetSourceResolver",
@@ -65,6 +68,7 @@ __all__ = [
     "PreflightError",
     "PreflightFailure",
     "ResolvedAsset",
+    "ResolvedAssets",
     "bwrap_args",
     "check_assets",
     "docker_mounts",
@@ -74,7 +78,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("assetd.grader")
-_FIELDS = frozenset({"source", "target", "read_only", "version_id"})
+_FIELDS = frozenset({"source", "target", "read_only", "version_id", "sha256"})
 _FORBIDDEN_ROOTS = ("/proc", "/sys", "/dev")
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # Unicode Cc, as for sources
 
@@ -87,6 +91,7 @@ class AssetSpec:
     target: str
     read_only: bool = True
     version_id: str | None = None
+    sha256: str | None = None  # content pin: these bytes or content_mismatch
 
     @staticmethod
     def from_dict(data: Mapping[str, Any]) -> AssetSpec:
@@ -114,7 +119,8 @@ class AssetSpec:
             raise BadRequest("asset version_id must be a non-empty string")
         if version_id is not None and not _encodable(version_id):
             raise BadRequest("asset version_id is not valid UTF-8 text")
-        return AssetSpec(source, target, read_only, version_id)
+        pin = check_sha256(data.get("sha256"), "asset sha256")
+        return AssetSpec(source, target, read_only, version_id, pin)
 
 
 def _encodable(text: str) -> bool:
@@ -171,6 +177,31 @@ class ResolvedAsset:
     size: int
     sha256: str | None = None
     cache: str | None = None
+    # for the manifest; not part of equality, which stays "same file, same bytes"
+    etag: str | None = field(default=None, compare=False)
+    version_id: str | None = field(default=None, compare=False)
+    resolved_source: str | None = field(default=None, compare=False)
+
+    def manifest_entry(self) -> ManifestEntry:
+        local = self.cache is None
+        return ManifestEntry(
+            target=self.spec.target,
+            source=self.spec.source,
+            resolved_source=self.resolved_source or self.spec.source,
+            version_id=self.version_id,
+            etag=self.etag,
+            sha256=self.sha256,
+            size=self.size,
+            cache="local" if local else self.cache,
+        )
+
+
+class ResolvedAssets(list[ResolvedAsset]):
+    """What ``resolve_assets`` returns: the assets in order, plus the job's manifest."""
+
+    def __init__(self, assets: Iterable[ResolvedAsset], manifest: Manifest) -> None:
+        super().__init__(assets)
+        self.manifest = manifest
 
 
 class Provider(Protocol):
@@ -195,7 +226,20 @@ class LocalProvider:
             raise NotFound(f"local source '{spec.source}' does not exist") from None
         if not stat.S_ISREG(st.st_mode):
             raise NotFound(f"local source '{spec.source}' is not a regular file")
-        return ResolvedAsset(spec, real, st.st_size)
+        if spec.sha256 is None:
+            return ResolvedAsset(spec, real, st.st_size)
+        digest = _file_sha256(real)  # a pinned local file is checked like a daemon answer
+        if digest != spec.sha256:
+            raise ContentMismatch.for_digests(spec.sha256, digest)
+        return ResolvedAsset(spec, real, st.st_size, digest)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Resolves(Protocol):
@@ -208,6 +252,7 @@ class Resolves(Protocol):
         *,
         timeout_s: float | None = None,
         job: str | None = None,
+        sha256: str | None = None,
     ) -> Resolved: ...
 
 
@@ -219,8 +264,22 @@ class DaemonProvider:
         self.timeout_s = timeout_s
 
     def resolve(self, spec: AssetSpec, *, job: str | None = None) -> ResolvedAsset:
-        res = self.client.resolve(spec.source, spec.version_id, timeout_s=self.timeout_s, job=job)
-        return ResolvedAsset(spec, res.path, res.size, res.sha256, res.cache)
+        res = self.client.resolve(
+            spec.source, spec.version_id, timeout_s=self.timeout_s, job=job, sha256=spec.sha256
+        )
+        if spec.sha256 is not None and res.sha256 != spec.sha256:
+            # a daemon that ignored the pin (older than v2) must not hand us other bytes
+            raise ContentMismatch.for_digests(spec.sha256, res.sha256)
+        return ResolvedAsset(
+            spec,
+            res.path,
+            res.size,
+            res.sha256,
+            res.cache,
+            etag=res.etag,
+            version_id=res.version_id,
+            resolved_source=res.resolved_source,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,10 +299,19 @@ class PreflightFailure:
 
 
 class PreflightError(Exception):
-    """Some assets could not be resolved; nothing was placed. One line per asset."""
+    """Some assets could not be resolved; nothing was placed. One line per asset.
 
-    def __init__(self, failures: Sequence[PreflightFailure]) -> None:
+    ``manifest`` has every asset of the job: what resolved, and each failure.
+    """
+
+    def __init__(
+        self, failures: Sequence[PreflightFailure], manifest: Manifest | None = None
+    ) -> None:
         self.failures = list(failures)
+        self.manifest = manifest or Manifest.of(
+            ManifestEntry(f.target, f.source, error={"code": f.code, "message": f.message})
+            for f in self.failures
+        )
         lines = [f"{f.target} <- {f.source}: {f.code}: {f.message}" for f in self.failures]
         super().__init__("assets failed pre-flight:\n" + "\n".join(lines))
 
@@ -303,7 +371,8 @@ class AssetSourceResolver:
             else:
                 return spec, self.local
         if self.daemon is None:
-            raise NotAllowed("s3 sources need the assetd daemon, which is not configured")
+            scheme = "asset" if isinstance(parsed, AssetAlias) else "s3"
+            raise NotAllowed(f"{scheme} sources need the assetd daemon, which is not configured")
         return spec, self.daemon
 
     def provider_for(self, spec: AssetSpec) -> Provider:
@@ -318,15 +387,27 @@ class AssetSourceResolver:
 
     def resolve_assets(
         self, specs: Iterable[AssetSpec], *, job: str | None = None
-    ) -> list[ResolvedAsset]:
-        """Resolve every asset, or raise PreflightError naming each one that failed."""
+    ) -> ResolvedAssets:
+        """Resolve every asset, or raise PreflightError naming each one that failed.
+
+        Either way the job's manifest comes along: ``.manifest`` on the
+        returned list, or on the PreflightError.
+        """
         resolved: list[ResolvedAsset] = []
         failures: list[PreflightFailure] = []
+        entries: list[ManifestEntry] = []
         for spec in specs:
             try:
-                resolved.append(self.resolve(spec, job=job))
+                asset = self.resolve(spec, job=job)
             except AssetError as exc:
-                failures.append(PreflightFailure(spec.source, spec.target, exc.code, exc.message))
+                failure = PreflightFailure(spec.source, spec.target, exc.code, exc.message)
+                failures.append(failure)
+                error = {"code": exc.code, "message": exc.message}
+                entries.append(ManifestEntry(spec.target, spec.source, error=error))
+            else:
+                resolved.append(asset)
+                entries.append(asset.manifest_entry())
+        manifest = Manifest.of(entries, job)
         if failures:
             summary = "; ".join(f"{f.target}: {f.code}" for f in failures)
             log.warning(
@@ -335,8 +416,8 @@ class AssetSourceResolver:
                 summary,
                 extra={"fields": {"job": job, "failures": [f.to_dict() for f in failures]}},
             )
-            raise PreflightError(failures)
-        return resolved
+            raise PreflightError(failures, manifest)
+        return ResolvedAssets(resolved, manifest)
 
 
 def check_assets(assets: Iterable[ResolvedAsset], *, verify_sha256: bool = False) -> None:
@@ -368,20 +449,17 @@ def check_assets(assets: Iterable[ResolvedAsset], *, verify_sha256: bool = False
                 detail=f"{asset.path}: size {st.st_size}, resolved {asset.size}",
             )
         if verify_sha256 and asset.sha256 is not None:
-            digest = hashlib.sha256()
             try:
-                with open(asset.path, "rb") as f:
-                    while chunk := f.read(1 << 20):
-                        digest.update(chunk)
+                digest = _file_sha256(asset.path)
             except OSError as exc:
                 raise Unavailable(
                     f"the cached file for '{target}' cannot be read; retry the job",
                     detail=f"{asset.path}: {exc}",
                 ) from None
-            if digest.hexdigest() != asset.sha256:
+            if digest != asset.sha256:
                 raise IntegrityError(
                     f"the cached file for '{target}' changed after it was resolved; retry the job",
-                    detail=f"{asset.path}: sha256 {digest.hexdigest()}, resolved {asset.sha256}",
+                    detail=f"{asset.path}: sha256 {digest}, resolved {asset.sha256}",
                 )
 
 

@@ -136,6 +136,14 @@ class _Collector(Collector):
         yield CounterMetricFamily(
             "assetd_fetched_bytes", "Bytes downloaded from S3", value=s["bytes_fetched"]
         )
+        aliases = CounterMetricFamily(
+            "assetd_alias_resolves",
+            "Successful resolves of asset:// names (names in the running catalog only)",
+            labels=["alias", "resolved_source"],
+        )
+        for name, row in sorted(s.get("aliases", {}).items()):
+            aliases.add_metric([name, str(row["resolved_source"])], row["resolves"])
+        yield aliases
         s3 = CounterMetricFamily("assetd_s3_requests", "Requests sent to S3", labels=["op"])
         for op, n in sorted(s["s3_requests"].items()):
             s3.add_metric([op], n)

@@ -53,6 +53,7 @@ class Resolved:
     version_id: str | None
     cache: CacheStatus
     pinned_until: float
+    resolved_source: str | None = None  # the s3:// source an asset:// name stood for
 
     @staticmethod
     def from_dict(data: dict[str, Any]) -> Resolved:
@@ -65,11 +66,14 @@ class Resolved:
             version_id=data.get("version_id"),
             cache=data["cache"],
             pinned_until=float(data["pinned_until"]),
+            resolved_source=data.get("resolved_source"),
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "source": self.source,
+        out: dict[str, Any] = {"source": self.source}
+        if self.resolved_source is not None:
+            out["resolved_source"] = self.resolved_source
+        return out | {
             "path": str(self.path),
             "size": self.size,
             "sha256": self.sha256,
@@ -84,6 +88,7 @@ class Resolved:
 class PrefetchItem:
     source: str
     version_id: str | None = None
+    sha256: object = None  # checked per entry by the service: a bad one fails that entry only
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +100,7 @@ class Request:
     timeout_s: float | None = None
     job: str | None = None
     sources: tuple[PrefetchItem, ...] = field(default_factory=tuple)
+    sha256: object = None  # checked by the service (bad_request unless 64 lowercase hex)
 
 
 def _opt_str(obj: dict[str, Any], name: str) -> str | None:
@@ -155,9 +161,13 @@ def _prefetch_items(obj: dict[str, Any]) -> tuple[PrefetchItem, ...]:
         if isinstance(entry, str):
             items.append(PrefetchItem(entry))
         elif isinstance(entry, dict):
-            items.append(PrefetchItem(_source(entry), _opt_str(entry, "version_id")))
+            items.append(
+                PrefetchItem(_source(entry), _opt_str(entry, "version_id"), entry.get("sha256"))
+            )
         else:
-            raise BadRequest("each entry of 'sources' must be a string or {source, version_id}")
+            raise BadRequest(
+                "each entry of 'sources' must be a string or {source, version_id, sha256}"
+            )
     return tuple(items)
 
 
@@ -198,6 +208,7 @@ def decode_request(line: bytes) -> Request:
             version_id=_opt_str(obj, "version_id"),
             timeout_s=_timeout(obj),
             job=_job(obj),
+            sha256=obj.get("sha256"),
         )
     if op == "prefetch":
         return Request(
@@ -223,11 +234,15 @@ def error_response(rid: RequestId, err: AssetError) -> dict[str, Any]:
 
 
 @functools.lru_cache(maxsize=4096)
-def _resolved_fields(fields: tuple[str, Path, int, str, str, str | None, str]) -> str:
+def _resolved_fields(
+    fields: tuple[str, Path, int, str, str, str | None, str, str | None],
+) -> str:
     """The JSON members of a resolve answer that stay the same from one hit to the next."""
-    source, path, size, sha256, etag, version_id, cache = fields
-    body = {
-        "source": source,
+    source, path, size, sha256, etag, version_id, cache, resolved_source = fields
+    body: dict[str, Any] = {"source": source}
+    if resolved_source is not None:
+        body["resolved_source"] = resolved_source
+    body |= {
         "path": str(path),
         "size": size,
         "sha256": sha256,
@@ -248,7 +263,16 @@ def encode_resolved(rid: RequestId, res: Resolved) -> bytes:
         + ","
     )
     fields = _resolved_fields(
-        (res.source, res.path, res.size, res.sha256, res.etag, res.version_id, res.cache)
+        (
+            res.source,
+            res.path,
+            res.size,
+            res.sha256,
+            res.etag,
+            res.version_id,
+            res.cache,
+            res.resolved_source,
+        )
     )
     try:
         return f'{head}"ok":true,{fields},"pinned_until":{res.pinned_until!r}}}\n'.encode()

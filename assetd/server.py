@@ -33,6 +33,7 @@ from typing import Any
 
 from assetd import __version__, systemd
 from assetd.background import Background
+from assetd.catalog import catalog_path, load_catalog
 from assetd.config import Config, load_config
 from assetd.errors import (
     AssetError,
@@ -376,7 +377,7 @@ class _Connection(asyncio.Protocol):
     def _resolve(self, req: Request, started: float) -> None:
         daemon = self.daemon
         try:
-            hit = daemon.service.try_hit(req.source, req.version_id)
+            hit = daemon.service.try_hit(req.source, req.version_id, req.sha256)
         except AssetError as err:
             message, took = daemon.resolve_answer(req, None, err, started)
             self._answer_now(message)
@@ -483,6 +484,8 @@ class Daemon:
             fields.update(
                 version_id=res.version_id, cache=res.cache, sha256=res.sha256, bytes=res.size
             )
+            if res.resolved_source is not None:
+                fields["resolved_source"] = res.resolved_source
         elif err is not None:
             fields.update(version_id=req.version_id, error=err.code, detail=err.detail)
         log.info("resolve", **fields, ms=round(took * 1000, 3))
@@ -540,7 +543,9 @@ class Daemon:
             err = exc
         else:
             try:
-                res = self.service.resolve(req.source, req.version_id, timeout_s=left)
+                res = self.service.resolve(
+                    req.source, req.version_id, timeout_s=left, sha256=req.sha256
+                )
             except AssetError as exc:
                 err = exc
         message, took = self.resolve_answer(req, res, err, started)
@@ -555,7 +560,15 @@ class Daemon:
         for item in req.sources:
             if len(window) >= PREFETCH_CONCURRENCY:
                 results.append(window.popleft().result())
-            one = Request("resolve", None, item.source, item.version_id, req.timeout_s, req.job)
+            one = Request(
+                "resolve",
+                None,
+                item.source,
+                item.version_id,
+                req.timeout_s,
+                req.job,
+                sha256=item.sha256,
+            )
             window.append(self.prefetches.submit(self._resolve_blocking, one, started))
         results.extend(f.result() for f in window)
         for answer in results:
@@ -608,6 +621,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.metrics.started, 3),
             "version": __version__,
             "latency": self.metrics.summary(),
+            "aliases": self.service.alias_counts(),
             "last_flush_ok": self.background.state("flush").last_ok,
             "pins_refused": None if store.pin_fault is None else store.pin_fault.detail,
             "quarantine": {"files": q_files, "bytes": q_bytes},
@@ -648,12 +662,26 @@ class Daemon:
         )
         self.config = replace(fresh, daemon=daemon, cache=cache)
         self.service.reconfigure(replace(self.service.config, s3=fresh.s3, cache=cache))
+        self.reload_catalog()
         log.info(
             "reloaded",
             allowed_buckets=list(fresh.s3.allowed_buckets),
             allowed_prefixes=list(fresh.s3.allowed_prefixes),
             max_object_bytes=fresh.s3.max_object_bytes,
         )
+
+    def reload_catalog(self) -> None:
+        """Re-read the asset catalog; an invalid one is refused and the running one kept."""
+        path = catalog_path(self.config.catalog.file, self.config.path)
+        try:
+            catalog = load_catalog(path) if path else None
+        except ConfigError as exc:
+            log.error("catalog reload failed; keeping the running catalog", error=str(exc))
+            return
+        self.service.set_catalog(catalog)
+        if path and self.watcher is not None:
+            self.watcher.watch_file(path, self._reload_soon)
+        log.info("catalog loaded", file=path, entries=len(catalog.entries) if catalog else 0)
 
     def _listen(self) -> socket.socket:
         activated = systemd.listen_fds()
@@ -791,6 +819,9 @@ class Daemon:
     def _start_watcher(self) -> Watcher:
         watcher = Watcher(self.service.store, self.config.path, self._reload_soon)
         watcher.start()
+        path = catalog_path(self.config.catalog.file, self.config.path)
+        if path:
+            watcher.watch_file(path, self._reload_soon)  # saving the catalog reloads it too
         return watcher
 
     def _close(self) -> int:
@@ -905,6 +936,10 @@ def build_daemon(config: Config, *, grace_s: float = 10.0) -> Daemon:
     from assetd.fetcher.s3 import S3Fetcher
     from assetd.store import Store
 
+    path = catalog_path(config.catalog.file, config.path)
+    catalog = load_catalog(path) if path else None  # invalid: start fails, naming the entry
     store = Store(config.cache.dir, lock=True)  # raises CacheLocked if another owns it
     fetcher = S3Fetcher(config.s3, max_connections=max(16, config.daemon.workers * 2))
-    return Daemon(config, AssetService(config, fetcher, store), grace_s=grace_s)
+    service = AssetService(config, fetcher, store)
+    service.set_catalog(catalog)
+    return Daemon(config, service, grace_s=grace_s)

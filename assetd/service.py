@@ -17,23 +17,27 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from assetd.catalog import Catalog
 from assetd.config import Config
 from assetd.errors import (
     AccessDenied,
     AssetError,
     BadRequest,
     CacheFull,
+    ContentMismatch,
     InternalError,
     NotFound,
     TransientError,
+    UnsupportedScheme,
 )
 from assetd.fetcher.base import Fetcher, ObjectMeta, PartResponse
 from assetd.log import get_logger
+from assetd.pins import check_sha256
 from assetd.policy import Policy
 from assetd.protocol import CacheStatus, Resolved
 from assetd.singleflight import SingleFlight
 from assetd.store import Entry, Hit, Store
-from assetd.uri import S3Source, parse_s3
+from assetd.uri import AssetAlias, S3Source, parse_remote
 
 __all__ = ["AssetService", "CacheStatus", "Resolved"]
 
@@ -64,6 +68,8 @@ class _Ask:
     source: S3Source
     version_id: str | None
     policy: Policy
+    sha256: str | None = None  # the content pin, if any
+    alias: str | None = None  # the catalog name ``text`` stood for
 
     @property
     def flight_key(self) -> tuple[str, str, str | None]:
@@ -84,6 +90,8 @@ class AssetService:
         self.counters: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self._negative: dict[tuple[str, str, str | None], tuple[float, AssetError]] = {}
+        self.catalog: Catalog | None = None
+        self._alias_counts: Counter[tuple[str, str]] = Counter()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
@@ -98,6 +106,23 @@ class AssetService:
             old.close()  # idle connections only: downloads in flight finish on it
         with self._lock:
             self._negative.clear()  # a new allowlist or new credentials may change the answer
+
+    def set_catalog(self, catalog: Catalog | None) -> None:
+        """Use a new asset catalog (start, SIGHUP, a saved catalog file)."""
+        self.catalog = catalog
+        with self._lock:
+            # per-alias counts only for names that still stand for the same source:
+            # metric labels stay bounded by the catalog's size
+            keep = {(e.name, str(e.source)) for e in catalog.entries.values()} if catalog else set()
+            self._alias_counts = Counter({k: n for k, n in self._alias_counts.items() if k in keep})
+
+    def alias_counts(self) -> dict[str, dict[str, object]]:
+        """Successful resolves per catalog name: ``{name: {resolved_source, resolves}}``."""
+        with self._lock:
+            return {
+                name: {"resolved_source": source, "resolves": n}
+                for (name, source), n in sorted(self._alias_counts.items())
+            }
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:
@@ -125,14 +150,37 @@ class AssetService:
         with self._lock:
             return dict(self.counters), dict(self.errors)
 
-    def _ask(self, text: str, version_id: str | None) -> _Ask:
-        source = parse_s3(text)
-        ask = _Ask(text, source, _check_version_id(version_id), self.policy)
-        ask.policy.check_source(source)
-        self._check_negative(ask.flight_key)
+    def _ask(self, text: str, version_id: str | None, sha256: object = None) -> _Ask:
+        parsed = parse_remote(text)
+        version_id = _check_version_id(version_id)
+        pin = check_sha256(sha256)
+        alias = None
+        if isinstance(parsed, AssetAlias):
+            alias = parsed.name
+            parsed, version_id, pin = self._from_catalog(parsed, version_id, pin)
+        ask = _Ask(text, parsed, version_id, self.policy, pin, alias)
+        ask.policy.check_source(parsed)  # an alias never widens the allowlists
+        if pin is None:  # a pin is looked up in the index first: S3's memoed "no" comes after
+            self._check_negative(ask.flight_key)
         return ask
 
-    def try_hit(self, source: str, version_id: str | None = None) -> Resolved | None:
+    def _from_catalog(
+        self, alias: AssetAlias, version_id: str | None, pin: str | None
+    ) -> tuple[S3Source, str | None, str | None]:
+        """The entry's source and pins; a request may only repeat what the entry says."""
+        catalog = self.catalog
+        if catalog is None:
+            raise UnsupportedScheme("asset:// sources need a catalog, and none is configured")
+        entry = catalog.get(alias.name)  # not_found, never negatively cached
+        if version_id is not None and version_id != entry.version_id:
+            raise BadRequest(f"version_id differs from the catalog entry of '{alias}'")
+        if pin is not None and entry.sha256 is not None and pin != entry.sha256:
+            raise BadRequest(f"sha256 differs from the catalog entry of '{alias}'")
+        return entry.source, entry.version_id, entry.sha256 or pin
+
+    def try_hit(
+        self, source: str, version_id: str | None = None, sha256: object = None
+    ) -> Resolved | None:
         """A fresh hit answered from memory alone, else None (then call :meth:`resolve`).
 
         Never blocks on disk or network, so the daemon calls it on its event
@@ -140,7 +188,15 @@ class AssetService:
         not_found) raise here at once.
         """
         with self._counted():
-            ask = self._ask(source, version_id)
+            ask = self._ask(source, version_id, sha256)
+            if ask.sha256 is not None:
+                hit = self.store.lookup_content(
+                    ask.source.bucket, ask.source.key, ask.sha256, ask.version_id, memory_only=True
+                )
+                if hit is None:
+                    return None
+                ask.policy.check_size(hit.entry.size)
+                return self._serve(ask, hit.entry, hit.path, "hit")
             hit = self.store.lookup(
                 ask.source.bucket, ask.source.key, ask.version_id, memory_only=True
             )
@@ -149,11 +205,20 @@ class AssetService:
             return self._serve(ask, hit.entry, hit.path, "hit")  # None: take the slow path
 
     def resolve(
-        self, source: str, version_id: str | None = None, *, timeout_s: float | None = None
+        self,
+        source: str,
+        version_id: str | None = None,
+        *,
+        timeout_s: float | None = None,
+        sha256: object = None,
     ) -> Resolved:
-        """Resolve one source; raise an AssetError with a stable code on failure."""
+        """Resolve one source; raise an AssetError with a stable code on failure.
+
+        With ``sha256``, the answer is exactly those bytes or an error
+        (``content_mismatch`` when the object holds other content).
+        """
         with self._counted():
-            ask = self._ask(source, version_id)
+            ask = self._ask(source, version_id, sha256)
             budget = self.config.s3.deadline_s if timeout_s is None else timeout_s
             deadline = time.monotonic() + budget
             try:
@@ -190,10 +255,14 @@ class AssetService:
         ask.policy.check_size(hit.entry.size)  # a limit lowered by reload applies to hits too
         # "null" names the unversioned slot, which an overwrite replaces: not immutable
         immutable = ask.version_id is not None and ask.version_id != NULL_VERSION
+        if ask.sha256 is not None and hit.entry.sha256 != ask.sha256 and not immutable:
+            return False  # the pin names other content: only S3 can say what is current now
         return immutable or now - hit.checked_at < self.config.cache.revalidate_after_s
 
     def _serve(self, ask: _Ask, entry: Entry, path: Path, cache: CacheStatus) -> Resolved | None:
         """The answer for ``entry``, pinned; None if it was evicted or quarantined meanwhile."""
+        if ask.sha256 is not None and entry.sha256 != ask.sha256:
+            raise ContentMismatch.for_digests(ask.sha256, entry.sha256)  # never other bytes
         pin = self.store.touch(
             ask.source.bucket,
             ask.source.key,
@@ -203,6 +272,9 @@ class AssetService:
         if pin is None:
             return None
         self._count(_COUNTER[cache])
+        if ask.alias is not None:
+            with self._lock:
+                self._alias_counts[(ask.alias, str(ask.source))] += 1
         return Resolved(
             source=ask.text,
             path=path,
@@ -212,6 +284,7 @@ class AssetService:
             version_id=entry.version_id,
             cache=cache,
             pinned_until=pin,
+            resolved_source=None if ask.alias is None else str(ask.source),
         )
 
     def _lookup_or_fetch(self, ask: _Ask, deadline: float) -> Resolved:
@@ -223,6 +296,15 @@ class AssetService:
 
     def _lookup_or_fetch_once(self, ask: _Ask, deadline: float) -> Resolved | None:
         bucket, key = ask.source.bucket, ask.source.key
+        if ask.sha256 is not None:
+            # the pinned bytes, if this key ever held them: no S3 request, whatever S3 says now
+            pinned = self.store.lookup_content(bucket, key, ask.sha256, ask.version_id)
+            if pinned is not None:
+                ask.policy.check_size(pinned.entry.size)
+                answer = self._serve(ask, pinned.entry, pinned.path, "hit")
+                if answer is not None:
+                    return answer
+            self._check_negative(ask.flight_key)
         hit = self.store.lookup(bucket, key, ask.version_id)
         # the first part of a changed object, from the revalidating GET: handed to
         # the fetch so the new bytes need no second round trip, else closed below
@@ -237,8 +319,8 @@ class AssetService:
                         bucket, key, hit.entry.etag, deadline=deadline, version_id=ask.version_id
                     )
                 except TransientError:
-                    if not self.config.cache.serve_stale_on_error:
-                        raise
+                    if not self.config.cache.serve_stale_on_error or ask.sha256 is not None:
+                        raise  # a pinned request never gets other bytes, stale or not
                     # S3 unreachable: the copy we verified earlier beats failing a grade
                     log.warning("serving stale copy", source=ask.text, sha256=hit.entry.sha256)
                     return self._serve(ask, hit.entry, hit.path, "stale")

@@ -29,6 +29,11 @@ Index rows:
     ("obj", bucket, key, "v:<version>" | "e:<etag>")  -> Entry fields
     ("cur", bucket, key)    -> {"tag", "checked_at"}: latest for unversioned requests
     ("blob", sha256)        -> [size, mtime_ns, ctime_ns, inode]: stat fingerprint
+    ("dig", bucket, key, sha256) -> [tag]: which obj row of the key holds that content
+
+A refetch after an overwrite adds an obj row and moves ``cur``; the older
+obj rows stay until eviction, and ``dig`` finds them, so a ``sha256`` pin
+to older content is still served (:meth:`Store.lookup_content`).
 """
 
 from __future__ import annotations
@@ -643,6 +648,53 @@ class Store:
                 self._delete(k)
                 self._adjust(entries=-1)
 
+    def lookup_content(
+        self,
+        bucket: str,
+        key: str,
+        sha256: str,
+        version_id: str | None,
+        *,
+        memory_only: bool = False,
+    ) -> Hit | None:
+        """An entry of this key (that version only, if given) whose bytes are ``sha256``.
+
+        Any ETag will do: the bytes are what the pin names, whatever S3 holds
+        now. Only this key's rows count: a blob that only another key
+        references is that key's, not a proof of what this key held. A blob
+        failing its check is not served; the caller's normal path handles it.
+        """
+        rows = self._rows
+        if version_id:
+            tags: tuple[str, ...] = ("v:" + version_id,)
+        else:
+            # cur first: the usual case, and entries committed before dig rows existed
+            cur = rows.get(("cur", bucket, key)) or (
+                None if memory_only else self._get(("cur", bucket, key))
+            )
+            dig = rows.get(("dig", bucket, key, sha256)) or (
+                None if memory_only else self._get(("dig", bucket, key, sha256))
+            )
+            tags = tuple(row[0] for row in (cur, dig) if row)
+        for tag in tags:
+            k = ("obj", bucket, key, tag)
+            entry = rows.get(k) or (None if memory_only else self._get(k))
+            if entry is None or entry.sha256 != sha256:
+                continue
+            expected = rows.get(("blob", sha256)) or (
+                None if memory_only else self._get(("blob", sha256))
+            )
+            path = self._paths.get(sha256) or self.blob_path(sha256)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if expected != (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino):
+                continue
+            last_access, pinned_until = self._pins.get(k) or (entry.last_access, entry.pinned_until)
+            return Hit(entry, path, 0.0, last_access, pinned_until)
+        return None
+
     def totals(self) -> tuple[int, int]:
         """(entries, bytes of unique blobs) in the index; counted by recovery on first use."""
         self._ensure_recovered()
@@ -798,7 +850,12 @@ class Store:
         """Every index row, loaded into memory (rows already there win: they are newer)."""
         loaded: dict[tuple[str, ...], Any] = {}
         for k, raw in self._scan_index():
-            if raw is not None and isinstance(k, tuple) and k and k[0] in ("obj", "cur", "blob"):
+            if (
+                raw is not None
+                and isinstance(k, tuple)
+                and k
+                and k[0] in ("obj", "cur", "blob", "dig")
+            ):
                 loaded[k] = self._load(k, raw)
         with self._lock:
             for k, value in loaded.items():
@@ -846,10 +903,10 @@ class Store:
                     self._delete(k)
                     self._adjust(entries=-1)
                     dropped += 1
-            for k in [k for k in self._rows if k[0] == "cur"]:
+            for k in [k for k in self._rows if k[0] in ("cur", "dig")]:
                 if ("obj", k[1], k[2], self._rows[k][0]) not in self._rows:
                     self._delete(k)
-                    dropped += 1
+                    dropped += k[0] == "cur"  # dig rows are secondary: not reported
         return dropped
 
     def _referenced(self) -> set[str]:
@@ -979,6 +1036,10 @@ class Store:
         cur = self._rows.get(cur_key)
         if cur is not None and cur[0] == k[3]:
             self._delete(cur_key)
+        dig_key = ("dig", k[1], k[2], self._rows[k].sha256)
+        dig = self._rows.get(dig_key)
+        if dig is not None and dig[0] == k[3]:
+            self._delete(dig_key)
         self._delete(k)
         self._adjust(entries=-1)
 
@@ -1074,9 +1135,15 @@ class Store:
                     self._set(obj_key, entry)
                     if not requested_version:  # a pinned version never moves what others see
                         self._set(("cur", bucket, key), (tag, now))
+                    self._set(("dig", bucket, key, sha256), (tag,))
             except (sqlite3.Error, OSError) as exc:
                 # the memory rows went in with the failed transaction: take them back out
-                for k in (("blob", sha256), obj_key, ("cur", bucket, key)):
+                for k in (
+                    ("blob", sha256),
+                    obj_key,
+                    ("cur", bucket, key),
+                    ("dig", bucket, key, sha256),
+                ):
                     self._rows.pop(k, None)
                     self._dirty.discard(k)
                 raise _index_error(exc, "write index row") from exc

@@ -1,10 +1,11 @@
-"""watchdog observers: blobs changed behind the cache's back, and the config file.
+"""watchdog observers: blobs changed behind the cache's back, the config and catalog files.
 
 - ``blobs/``: a blob deleted, modified or moved away is checked against its
   index row at once (``Store.check_blob``); a changed one is quarantined,
   so it is fetched again rather than served. The stat check on every hit
   remains the guarantee; this makes it visible as it happens.
-- the config file: a change triggers the same reload as SIGHUP.
+- the config file, and the asset catalog file: a change triggers the same
+  reload as SIGHUP.
 
 Both watches subscribe only to events that can change or remove a file
 (delete, move, attribute change, write, close after write): opening and
@@ -105,14 +106,25 @@ class Watcher:
         self.observer.schedule(
             self.blob_handler, str(store.blobs), recursive=True, event_filter=BLOB_EVENTS
         )
+        self._files: set[str] = set()
         if config_path:
-            path = Path(config_path)
+            self.watch_file(config_path, reload)
+
+    def watch_file(self, file: str, reload: Callable[[], None]) -> None:
+        """Call ``reload`` when ``file`` is saved (once per file; safe while running)."""
+        path = Path(os.path.realpath(file))
+        if str(path) in self._files:
+            return
+        self._files.add(str(path))
+        try:
             self.observer.schedule(
                 _ConfigHandler(path, reload),
                 str(path.parent),
                 recursive=False,
                 event_filter=CONFIG_EVENTS,
             )
+        except OSError as exc:  # a missing directory: SIGHUP still reloads
+            log.warning("cannot watch file", file=str(path), error=str(exc))
 
     def start(self) -> None:
         self.observer.start()

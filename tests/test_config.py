@@ -34,6 +34,7 @@ DESIGN_ENV_VARS = {
     "ASSET_S3_ENDPOINT_URL",
     "ASSETD_SOCKET",
     "ASSETD_CACHE_DIR",
+    "ASSETD_CATALOG_FILE",  # DESIGN.md "v2 additions"
 }
 
 # DESIGN.md "Config": keys by section (metrics keys are the project's own).
@@ -62,6 +63,7 @@ DESIGN_KEYS = {
     },
     "local": {"root"},
     "log": {"format", "level"},
+    "catalog": {"file"},  # DESIGN.md "v2 additions"
 }
 
 
@@ -171,6 +173,9 @@ level = "debug"
 listen = "127.0.0.1:9100"
 textfile = "/srv/metrics.prom"
 socket = "/srv/metrics.sock"
+
+[catalog]
+file = "/srv/catalog.toml"
 """
 
 
@@ -292,6 +297,7 @@ ENV_CASES: dict[str, tuple[str, str, object]] = {
     ),
     "ASSETD_SOCKET": ("socket = '/file.sock'", "/env.sock", "/env.sock"),
     "ASSETD_CACHE_DIR": ("dir = '/file-cache'", "/env-cache", "/env-cache"),
+    "ASSETD_CATALOG_FILE": ("file = '/file.toml'", "/env-catalog.toml", "/env-catalog.toml"),
 }
 
 

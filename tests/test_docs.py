@@ -155,6 +155,7 @@ def exported_metrics() -> set[str]:
         "errors": {"timeout": 1},
         "bytes_fetched": 0,
         "s3_requests": {"head": 0, "get": 0},
+        "aliases": {"tp2": {"resolved_source": "s3://b/k", "resolves": 1}},
         "background": {"flush": {"ok": True, "total_failures": 0}},
     }
     export = PrometheusExport(lambda: stats, metrics, listen=None, textfile=None)

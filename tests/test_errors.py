@@ -22,6 +22,7 @@ DESIGN_CODES: dict[str, bool] = {
     "too_large": False,
     "not_found": False,
     "access_denied": False,
+    "content_mismatch": False,
     "timeout": True,
     "unavailable": True,
     "integrity": True,
@@ -157,3 +158,15 @@ def test_round_trip_any_message(code: str, message: str) -> None:
     assert message == back.message
     assert code == back.code
     assert err.retryable is back.retryable
+
+
+def test_content_mismatch_message_names_both_digests_shortly() -> None:
+    """content_mismatch names the pinned and the actual digest, 12 hex chars each."""
+    expected, actual = "a" * 64, "b" * 64
+    err = errors.ContentMismatch.for_digests(expected, actual)
+    assert (
+        "the object's content (sha256 bbbbbbbbbbbb...) is not the pinned content "
+        "(sha256 aaaaaaaaaaaa...)"
+    ) == err.message
+    assert err == errors.ContentMismatch.for_digests(expected, actual)
+    assert ("content_mismatch", False) == (err.code, err.retryable)

@@ -191,7 +191,11 @@ BAD_ENTRIES = [
     pytest.param(entry(source="s3://Bad_Bucket/k"), "malformed_uri", "bucket", id="bad-bucket"),
     pytest.param(entry(source="http://x/y"), "unsupported_scheme", "http", id="http"),
     pytest.param(entry(source=f"S3://{BUCKET}/k"), "unsupported_scheme", "S3", id="upper-S3"),
-    pytest.param(entry(source="asset://tp2/x"), "unsupported_scheme", "asset", id="asset-scheme"),
+    pytest.param(entry(source="asset:tp2/x"), "malformed_uri", "asset://", id="asset-no-slashes"),
+    pytest.param(entry(source="asset://TP2"), "malformed_uri", "asset name", id="asset-uppercase"),
+    pytest.param(entry(sha256="AB" * 32), "bad_request", "sha256", id="sha256-uppercase"),
+    pytest.param(entry(sha256="ab" * 31), "bad_request", "sha256", id="sha256-short"),
+    pytest.param(entry(sha256=5), "bad_request", "sha256", id="sha256-not-str"),
     pytest.param(entry(source="/srv/x.csv"), "malformed_uri", "relative", id="local-absolute"),
     pytest.param(entry(source="../x.csv"), "malformed_uri", "'..'", id="local-dotdot"),
 ]
@@ -1139,7 +1143,7 @@ def test_tp2_daemon_down_is_an_infra_verdict_without_the_socket_path(
         verdict.status,
         verdict.detail.split("retry later: ")[1],
     )
-    assert sock not in verdict.line()
+    assert sock not in verdict.line() + json.dumps(verdict.__dict__)
 
 
 @needs_bwrap
@@ -1170,3 +1174,93 @@ def test_bytes_provider_os_error_is_none_not_a_traceback(
     assert provider.get_asset("fixtures/tp2/expected.txt", "/g/e.txt") is None
     err = provider.last_error
     assert ("unavailable", False) == (err.code if err else None, str(local_root) in str(err))
+
+
+# --- content pins, asset:// and the manifest ---------------------------------------------
+
+
+def test_spec_sha256_is_sent_and_checked(daemon: Daemon) -> None:
+    """A pinned spec sends sha256; other bytes in an (old) daemon answer are content_mismatch."""
+    daemon.put(SRC, b"new bytes\n")
+    pin = sha256(b"old bytes\n")
+    resolver = AssetSourceResolver(client=daemon.client)
+    with pytest.raises(PreflightError) as info:
+        resolver.resolve_assets(parse_assets([entry(sha256=pin)]))
+    assert ["content_mismatch"] == info.value.codes
+    assert pin == daemon.resolves[0]["sha256"]
+
+
+def test_asset_alias_goes_to_the_daemon(daemon: Daemon) -> None:
+    """asset:// specs are resolved by the daemon; resolved_source reaches the manifest."""
+    daemon.put("asset://tp2/data", b"x,y\n")
+    daemon.answers["asset://tp2/data"]["resolved_source"] = SRC
+    resolver = AssetSourceResolver(client=daemon.client)
+    assets = resolver.resolve_assets(parse_assets([entry(source="asset://tp2/data")]))
+    assert SRC == assets[0].resolved_source
+    assert SRC == assets.manifest.assets[0].resolved_source
+    assert "asset://tp2/data" == assets.manifest.assets[0].source
+
+
+def test_local_pin_checked_by_the_grader(local_root: Path) -> None:
+    """A pinned local source is hashed: the right pin resolves, a wrong one is content_mismatch."""
+    good = sha256(b"expected output\n")
+    resolver = AssetSourceResolver(local_root=local_root)
+    spec = {"source": "fixtures/tp2/expected.txt", "target": "/g/e.txt"}
+    assert good == resolver.resolve_assets(parse_assets([{**spec, "sha256": good}]))[0].sha256
+    with pytest.raises(PreflightError) as info:
+        resolver.resolve_assets(parse_assets([{**spec, "sha256": "0" * 64}]))
+    assert ["content_mismatch"] == info.value.codes
+
+
+def test_manifest_of_a_good_job(daemon: Daemon, local_root: Path) -> None:
+    """resolve_assets' manifest: every asset, every field, in the setup config's order."""
+    data = b"barrio,tipo\nPalermo,cafe\n"
+    daemon.put(SRC, data, cache="hit")
+    resolver = AssetSourceResolver(client=daemon.client, local_root=local_root)
+    specs = parse_assets(
+        [entry(), {"source": "fixtures/tp2/expected.txt", "target": "/grader/expected.txt"}]
+    )
+    manifest = resolver.resolve_assets(specs, job="tp2:ref").manifest
+    etag = '"' + hashlib.md5(data).hexdigest() + '"'  # noqa: S324 - an S3 ETag
+    assert {
+        "manifest_version": 1,
+        "job": "tp2:ref",
+        "assets": [
+            {
+                "target": "/tmp/RESTAURANTES.CSV",
+                "source": SRC,
+                "resolved_source": SRC,
+                "version_id": None,
+                "etag": etag,
+                "sha256": sha256(data),
+                "size": len(data),
+                "cache": "hit",
+                "error": None,
+            },
+            {
+                "target": "/grader/expected.txt",
+                "source": "fixtures/tp2/expected.txt",
+                "resolved_source": "fixtures/tp2/expected.txt",
+                "version_id": None,
+                "etag": None,
+                "sha256": None,
+                "size": 16,
+                "cache": "local",
+                "error": None,
+            },
+        ],
+    } == json.loads(manifest.to_json())
+
+
+def test_preflight_error_carries_the_manifest(daemon: Daemon) -> None:
+    """A failed pre-flight's manifest lists the good asset and the failure's code, in order."""
+    daemon.put(SRC, b"ok\n", cache="stale")
+    resolver = AssetSourceResolver(client=daemon.client)
+    specs = parse_assets([entry(), {"source": MISSING, "target": "/tmp/M.CSV"}])
+    with pytest.raises(PreflightError) as info:
+        resolver.resolve_assets(specs)
+    rows = [a.to_dict() for a in info.value.manifest.assets]
+    assert [("stale", None), (None, "not_found")] == [
+        (r["cache"], r["error"] and r["error"]["code"]) for r in rows
+    ]
+    assert not info.value.manifest.ok

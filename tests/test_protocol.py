@@ -579,6 +579,7 @@ _resolved = st.builds(
     version_id=st.one_of(st.none(), _text),
     cache=st.sampled_from(["hit", "miss", "coalesced", "stale"]),
     pinned_until=st.floats(allow_nan=False, allow_infinity=False),
+    resolved_source=st.one_of(st.none(), _text),
 )
 
 
@@ -669,3 +670,49 @@ def test_decode_arbitrary_json(value: Any) -> None:
         assert isinstance(req.source, str)
     if req.op == "prefetch":
         assert all(isinstance(item.source, str) for item in req.sources)
+
+
+# -- v2: sha256 pins and resolved_source ------------------------------------------------------
+
+
+def test_decode_resolve_carries_sha256_raw() -> None:
+    """resolve passes sha256 through as sent; the service validates it (bad_request)."""
+    pin = "ab" * 32
+    assert (
+        pin == decode_request(_line({"op": "resolve", "source": "s3://b/k", "sha256": pin})).sha256
+    )
+    odd = decode_request(_line({"op": "resolve", "source": "s3://b/k", "sha256": 5}))
+    assert 5 == odd.sha256
+    assert None is decode_request(_line({"op": "resolve", "source": "s3://b/k"})).sha256
+
+
+def test_decode_prefetch_entry_sha256_is_per_entry() -> None:
+    """A prefetch entry's sha256 travels with that entry; a bad one does not fail the request."""
+    req = decode_request(
+        _line(
+            {
+                "op": "prefetch",
+                "sources": [
+                    {"source": "s3://b/a", "sha256": "cd" * 32},
+                    {"source": "s3://b/b", "sha256": "NOT-HEX"},
+                    "s3://b/c",
+                ],
+            }
+        )
+    )
+    assert [
+        PrefetchItem("s3://b/a", None, "cd" * 32),
+        PrefetchItem("s3://b/b", None, "NOT-HEX"),
+        PrefetchItem("s3://b/c"),
+    ] == list(req.sources)
+
+
+def test_resolved_source_only_for_aliases() -> None:
+    """resolved_source follows source on the wire for an alias, and is absent otherwise."""
+    alias = dataclasses.replace(
+        RESOLVED, source="asset://tp2/data", resolved_source=RESOLVED.source
+    )
+    body = json.loads(encode_resolved(7, alias))
+    assert ["id", "ok", "source", "resolved_source", "path"] == list(body)[:5]
+    assert RESOLVED.source == body["resolved_source"]
+    assert "resolved_source" not in json.loads(encode_resolved(7, RESOLVED))

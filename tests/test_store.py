@@ -411,3 +411,71 @@ def test_discard_missing_blob_is_noop(store: Store) -> None:
     """discard_blob of an unknown digest does nothing and does not fail."""
     store.discard_blob("0" * 64)
     assert [] == _blob_files(store)
+
+
+# --- lookup_content: the rows behind sha256 pins ----------------------------------------
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_lookup_content_finds_older_content_after_refetch(store: Store) -> None:
+    """After a new ETag moved cur, the key's older entry is still found by its digest."""
+    _commit(store, b"old", etag='"e1"')
+    _commit(store, b"new", etag='"e2"')
+    old = store.lookup_content("bucket", "k", _sha(b"old"), None)
+    new = store.lookup_content("bucket", "k", _sha(b"new"), None)
+    assert old is not None and new is not None
+    assert (b"old", '"e1"') == (old.path.read_bytes(), old.entry.etag)
+    assert (b"new", '"e2"') == (new.path.read_bytes(), new.entry.etag)
+    assert '"e2"' == store.lookup("bucket", "k", None).entry.etag  # type: ignore[union-attr]
+
+
+def test_lookup_content_survives_reopen(tmp_path: Path) -> None:
+    """dig rows are in the index: a restarted daemon finds older content too."""
+    s1 = Store(tmp_path / "c")
+    _commit(s1, b"old", etag='"e1"')
+    _commit(s1, b"new", etag='"e2"')
+    s1.close()
+    s2 = Store(tmp_path / "c")
+    try:
+        assert None is s2.lookup_content("bucket", "k", _sha(b"old"), None, memory_only=True)
+        hit = s2.lookup_content("bucket", "k", _sha(b"old"), None)
+        assert hit is not None
+        assert b"old" == hit.path.read_bytes()
+    finally:
+        s2.close()
+
+
+def test_lookup_content_only_this_key(store: Store) -> None:
+    """Bytes cached under another key are not this key's content."""
+    _commit(store, b"shared", key="other")
+    _commit(store, b"mine", key="k")
+    assert None is store.lookup_content("bucket", "k", _sha(b"shared"), None)
+    assert store.lookup_content("bucket", "other", _sha(b"shared"), None) is not None
+
+
+def test_lookup_content_with_version_only_that_version(store: Store) -> None:
+    """With a version_id, only that version's row counts."""
+    _commit(store, b"one", version_id="v1", requested_version="v1")
+    _commit(store, b"two", version_id="v2", requested_version="v2")
+    assert store.lookup_content("bucket", "k", _sha(b"one"), "v1") is not None
+    assert None is store.lookup_content("bucket", "k", _sha(b"one"), "v2")
+
+
+def test_lookup_content_refuses_changed_blob(store: Store) -> None:
+    """A blob whose bytes changed under the cache is not served by digest either."""
+    _, path = _commit(store, b"data")
+    os.chmod(path, 0o644)
+    path.write_bytes(b"evil")
+    assert None is store.lookup_content("bucket", "k", _sha(b"data"), None)
+
+
+def test_eviction_drops_the_dig_row(store: Store) -> None:
+    """Evicting an entry removes the row that found it by digest."""
+    _commit(store, b"old", etag='"e1"')
+    _commit(store, b"new", etag='"e2"')
+    store.evict(max_bytes=3, min_free_bytes=0, now=float("inf"))
+    assert None is store.lookup_content("bucket", "k", _sha(b"old"), None)
+    assert ("dig", "bucket", "k", _sha(b"old")) not in store.index

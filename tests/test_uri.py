@@ -11,7 +11,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from assetd.errors import AssetError, MalformedURI, UnsupportedScheme
-from assetd.uri import LocalSource, S3Source, parse_s3, parse_source
+from assetd.uri import (
+    AssetAlias,
+    LocalSource,
+    S3Source,
+    check_alias_name,
+    parse_remote,
+    parse_s3,
+    parse_source,
+)
 
 M = MalformedURI
 U = UnsupportedScheme
@@ -64,7 +72,22 @@ HOSTILE: list[tuple[str, str, type[AssetError]]] = [
     ("http", "http://example.com/a.csv", U),
     ("https", "https://example.com/a.csv", U),
     ("file", "file:///etc/passwd", U),
-    ("asset-reserved", "asset://x/y", U),
+    ("asset-no-slashes", "asset:x/y", M),
+    ("asset-one-slash", "asset:/x", M),
+    ("asset-empty-name", "asset://", M),
+    ("asset-uppercase", "asset://Tp2", M),
+    ("asset-leading-dot", "asset://.x", M),
+    ("asset-leading-dash", "asset://-x", M),
+    ("asset-leading-slash", "asset:///x", M),
+    ("asset-trailing-slash", "asset://x/", M),
+    ("asset-empty-segment", "asset://x//y", M),
+    ("asset-dot-segment", "asset://x/./y", M),
+    ("asset-dotdot-segment", "asset://x/../y", M),
+    ("asset-space", "asset://x y", M),
+    ("asset-query", "asset://x?y", M),
+    ("asset-non-ascii", "asset://dätä", M),
+    ("asset-257-chars", "asset://" + "a" * 257, M),
+    ("asset-uppercase-scheme", "ASSET://x", U),
     ("s3-uppercase", "S3://bucket/key", U),
     ("s3-mixed-case", "S3://Bucket/key", U),
     ("gs-no-slashes", "gs:b/k", U),
@@ -187,6 +210,15 @@ def test_invalid_bucket_is_malformed_not_unsupported() -> None:
 
 
 _ALLOWED_ERRORS = (MalformedURI, UnsupportedScheme)
+_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyz0123456789._/-")
+
+
+def _check_alias(name: str) -> None:
+    """DESIGN.md's name rules, stated independently of the parser's regex."""
+    assert 1 <= len(name) <= 256
+    assert set(name) <= _NAME_CHARS
+    assert name[0].isascii() and name[0].isalnum()
+    assert all(seg not in ("", ".", "..") for seg in name.split("/"))
 
 
 def _check_result(text: str) -> None:
@@ -195,7 +227,10 @@ def _check_result(text: str) -> None:
     except _ALLOWED_ERRORS:
         return
     assert not any(unicodedata.category(c) == "Cc" for c in text)
-    if isinstance(parsed, S3Source):
+    if isinstance(parsed, AssetAlias):
+        assert text == str(parsed)
+        _check_alias(parsed.name)
+    elif isinstance(parsed, S3Source):
         assert text == str(parsed)
         assert 1 <= len(parsed.key.encode("utf-8")) <= 1024
         assert 3 <= len(parsed.bucket) <= 63
@@ -225,3 +260,41 @@ def test_parse_source_arbitrary_s3_text(rest: str) -> None:
 def test_parse_s3_structured(bucket: str, key: str) -> None:
     """Bucket-shaped and key-shaped inputs parse or fail only with URI errors."""
     _check_result(f"s3://{bucket}/{key}")
+
+
+ALIASES = ["tp2", "tp2/restaurantes.csv", "course-2026_s1/v1.2/data", "0", "a" * 256, "a.b/c..d"]
+
+
+@pytest.mark.parametrize("name", ALIASES)
+def test_asset_alias_parses(name: str) -> None:
+    """asset://<name> parses to an AssetAlias on both the grader's and the daemon's parser."""
+    assert AssetAlias(name) == parse_source(f"asset://{name}")
+    assert AssetAlias(name) == parse_remote(f"asset://{name}")
+    assert f"asset://{name}" == str(parse_source(f"asset://{name}"))
+
+
+def test_parse_s3_refuses_alias_and_parse_remote_refuses_local() -> None:
+    """parse_s3 stays s3-only; the daemon's parser refuses local paths."""
+    with pytest.raises(UnsupportedScheme):
+        parse_s3("asset://tp2")
+    with pytest.raises(UnsupportedScheme):
+        parse_remote("data/x.csv")
+
+
+@given(st.text())
+def test_parse_source_arbitrary_asset_text(rest: str) -> None:
+    """Any "asset://" + text is a well-formed alias or raises only URI errors."""
+    _check_result("asset://" + rest)
+
+
+@given(st.from_regex(r"[a-z0-9][a-z0-9._/-]{0,300}", fullmatch=True))
+def test_alias_name_shaped_inputs(name: str) -> None:
+    """Name-shaped inputs are accepted exactly when they meet DESIGN.md's rules."""
+    try:
+        check_alias_name(name)
+    except MalformedURI:
+        ok = False
+    else:
+        ok = True
+    rules = len(name) <= 256 and all(seg not in ("", ".", "..") for seg in name.split("/"))
+    assert rules == ok

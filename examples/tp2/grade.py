@@ -1,6 +1,6 @@
 """tp2's grader: pre-flight assets through assetd, run the student in bubblewrap.
 
-    python examples/tp2/grade.py SOLUTION.py [...] [--socket PATH] [--setup setup.json]
+    python examples/tp2/grade.py SOLUTION.py [...] [--socket PATH] [--setup setup.json] [--out DIR]
 
 For each solution:
 
@@ -19,6 +19,11 @@ config or asset the teacher must fix; ``infra`` is an infrastructure fault
 that could not start): retry the job later, the student did nothing wrong.
 Verdicts never carry a host path. Exit status: 0, 1 if any verdict is
 ``error``, else 75 (EX_TEMPFAIL) if any is ``infra``.
+
+Each verdict carries the job's asset manifest (which bytes each asset was:
+source, resolved source, version_id, ETag, sha256, size, cache status);
+``--out DIR`` writes ``<solution>.verdict.json`` and, beside it,
+``<solution>.manifest.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from assetd import AssetdClient
 from assetd.errors import AssetError, Unavailable, error_class
@@ -45,6 +51,7 @@ from assetd.grader import (
     PlacedAsset,
     PreflightError,
     ResolvedAsset,
+    ResolvedAssets,
     bwrap_args,
     check_assets,
     parse_assets,
@@ -73,7 +80,8 @@ class Verdict:
     detail: str = ""
     cache: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    preflight: list[dict[str, str]] = field(default_factory=list)
+    preflight: list[dict[str, Any]] = field(default_factory=list)
+    manifest: dict[str, Any] | None = None  # the bytes this verdict was computed against
 
     def line(self) -> str:
         caches = ",".join(self.cache) or "-"
@@ -179,9 +187,7 @@ def run_student(
     return proc
 
 
-def preflight(
-    resolver: AssetSourceResolver, setup: dict[str, object], job: str
-) -> list[ResolvedAsset]:
+def preflight(resolver: AssetSourceResolver, setup: dict[str, object], job: str) -> ResolvedAssets:
     """Every asset resolved, or PreflightError: nothing of the student's has run yet."""
     return resolver.resolve_assets(parse_assets(setup), job=job)
 
@@ -215,14 +221,20 @@ def _grade(solution: Path, setup: dict[str, object], resolver: AssetSourceResolv
         return verdict
     except PreflightError as exc:
         verdict.preflight = [f.to_dict() for f in exc.failures]
+        verdict.manifest = exc.manifest.to_dict()
         if all(_retryable(f.code) for f in exc.failures):
             # codes only: a client-side message may name the host's socket path
+            verdict.preflight = [{**f, "message": None} for f in verdict.preflight]
+            for row in verdict.manifest["assets"]:
+                if row["error"] is not None:
+                    row["error"] = {"code": row["error"]["code"], "message": None}
             return _infra(verdict, "; ".join(f"{f.target}: {f.code}" for f in exc.failures))
         verdict.detail = "pre-flight failed: " + "; ".join(
             f"{f.target}: {f.code}: {f.message}" for f in exc.failures
         )
         return verdict
     verdict.cache = [a.cache or "local" for a in assets]
+    verdict.manifest = assets.manifest.to_dict()
     try:
         return _place_and_run(verdict, assets, solution)
     except AssetError as exc:  # placement found a cached file gone or changed: never a FAIL
@@ -267,12 +279,24 @@ def _place_and_run(verdict: Verdict, assets: list[ResolvedAsset], solution: Path
     return verdict
 
 
+def write_verdict(verdict: Verdict, out: Path) -> tuple[Path, Path]:
+    """``<solution>.verdict.json`` and, beside it, ``<solution>.manifest.json``."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(verdict.solution).stem
+    verdict_path, manifest_path = out / f"{stem}.verdict.json", out / f"{stem}.manifest.json"
+    body = {k: v for k, v in verdict.__dict__.items() if k != "manifest"}
+    verdict_path.write_text(json.dumps(body, indent=2) + "\n")
+    manifest_path.write_text(json.dumps(verdict.manifest, indent=2) + "\n")
+    return verdict_path, manifest_path
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("solutions", nargs="+", type=Path)
     parser.add_argument("--socket", default=None)
     parser.add_argument("--setup", type=Path, default=HERE / "setup.json")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--out", type=Path, default=None, help="write verdicts and manifests here")
     args = parser.parse_args()
     # the grader is the application: it sends assetd's library warnings to stderr
     logging.basicConfig(stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
@@ -282,6 +306,8 @@ def main() -> int:
         verdicts = [grade(s.resolve(), setup, resolver) for s in args.solutions]
     for v in verdicts:
         print(json.dumps(v.__dict__) if args.json else v.line())
+        if args.out is not None:
+            write_verdict(v, args.out)
     if any(v.status == "error" for v in verdicts):
         return 1
     return EX_TEMPFAIL if any(v.status == "infra" for v in verdicts) else 0
