@@ -338,6 +338,9 @@ class Store:
         self._recovery_lock = threading.Lock()
         self.recovered = threading.Event()  # every row is in memory and checked
         self.recovery: RecoveryReport | None = None
+        self._pass_mutex = threading.Lock()  # guards the two below (non-owners only)
+        self._passes = 0  # destructive passes running in this store
+        self._pass_fd = -1  # the lock file's fd while any of them runs
 
     def close(self) -> None:
         try:
@@ -384,11 +387,19 @@ class Store:
         if self._lock_fd is not None:
             yield
             return
-        fd = self._take_lock()
+        # flock is per open file: threads of this store share one, or they would
+        # refuse each other; a mutex only around the count keeps lock order simple
+        with self._pass_mutex:
+            if not self._passes:
+                self._pass_fd = self._take_lock()
+            self._passes += 1
         try:
             yield
         finally:
-            os.close(fd)
+            with self._pass_mutex:
+                self._passes -= 1
+                if not self._passes:
+                    os.close(self._pass_fd)
 
     def _clear_tmp(self, *, owner: bool) -> int:
         """Remove staged files a crash left behind; none of them were committed.
