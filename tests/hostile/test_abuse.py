@@ -348,21 +348,21 @@ def test_metrics_flood_starts_no_threads(make_daemon: Factory, short_tmp: Path) 
 
 
 def test_prefetch_resolves_four_entries_at_a_time(make_daemon: Factory, seaweedfs: Any) -> None:
-    """12 cold entries whose HEAD stalls 0.5 s take 3 rounds: one prefetch sends 4 HEADs at once."""
+    """12 cold entries whose first GET stalls 0.5 s take 3 rounds: 4 requests to S3 at once."""
     proxy = FaultProxy(seaweedfs.ports["s3"]).start()
     try:
-        proxy.add(method="HEAD", stall=0.5)
+        proxy.add(method="GET", stall=0.5)
         d = make_daemon(endpoint=proxy.url)
         sources = [f"s3://{BUCKET}/hostile/absent-{i}.csv" for i in range(12)]
         started = time.monotonic()
         answer = d.request({"op": "prefetch", "sources": sources}, timeout=60)
         took = time.monotonic() - started
-        heads = proxy.counts["HEAD"]
+        gets = proxy.counts["GET"]
     finally:
         proxy.stop()
-    print(f"\nprefetch of 12 stalled HEADs: {took:.2f}s")
+    print(f"\nprefetch of 12 stalled GETs: {took:.2f}s")
     assert ["not_found"] * 12 == [r["error"]["code"] for r in answer["results"]]
-    assert 12 == heads
+    assert 12 == gets
     assert took >= 1.45  # 12 / 4 rounds of 0.5 s; unbounded it is one round
 
 
