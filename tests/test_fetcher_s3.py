@@ -328,8 +328,9 @@ def test_oversize_object_refused_after_one_get(
         ("Content-Length", "abc"),
         ("Content-Range", "bytes 5-9/5000"),
         ("Content-Range", "bytes 0-99/100"),
+        ("Content-Length", "5\u00b2"),  # str.isdigit() is true for a superscript two
     ],
-    ids=["negative-length", "non-numeric-length", "other-range", "short-range"],
+    ids=["negative-length", "non-numeric-length", "other-range", "short-range", "superscript"],
 )
 def test_nonsense_headers_are_unavailable(
     s3: Any, fault_proxy: FaultProxy, store: Store, header: tuple[str, str]
@@ -337,11 +338,13 @@ def test_nonsense_headers_are_unavailable(
     """Nonsense framing headers on every answer end in a retryable unavailable, never internal."""
     _put(s3, "liar.bin", os.urandom(5000))
     fault_proxy.add(method="GET", header=header)
+    fetcher = _fetcher(fault_proxy, max_attempts=2)
     with pytest.raises(errors.Unavailable) as info:
-        _fetch(_fetcher(fault_proxy, max_attempts=2), store, "liar.bin")
+        _fetch(fetcher, store, "liar.bin")
     assert (True, True) == (info.value.retryable, "BadResponse" in (info.value.detail or ""))
     assert 2 == fault_proxy.counts["GET"]
     assert [] == list(store.tmp.iterdir())
+    assert set() == fetcher._pool._busy  # every connection of a refused answer was closed
 
 
 def test_object_replaced_between_parts_is_byte_exact(

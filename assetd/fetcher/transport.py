@@ -274,7 +274,7 @@ class Response:
         values = self.headers.get_all("Content-Length") or []
         if not values:
             return None
-        if len(set(values)) != 1 or not str(values[0]).strip().isdigit():
+        if len(set(values)) != 1 or not _digits(str(values[0]).strip()):
             raise BadResponse(f"invalid Content-Length {values!r}")
         return int(str(values[0]).strip())
 
@@ -506,6 +506,9 @@ class Pool:
                     self.stale_retries += 1
                     continue  # the server closed it while idle: at once, on a new connection
                 raise
+            except BaseException:
+                self.discard(conn)  # never left in _busy with its socket open
+                raise
 
     def _send(
         self,
@@ -556,6 +559,11 @@ class Pool:
 
 def _status_line(line: bytes) -> tuple[str, int, str]:
     parts = line.decode("iso-8859-1").rstrip("\r\n").split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _digits(parts[1]):
         raise BadResponse(f"bad status line {line[:80]!r}")
     return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else ""
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes a superscript two, which int() refuses."""
+    return text.isascii() and text.isdigit()
