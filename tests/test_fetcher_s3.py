@@ -421,6 +421,22 @@ def test_revalidate_changed_reuses_the_answer(
     assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))
 
 
+def test_slow_reservation_before_the_body_is_no_stall(
+    s3: Any, fault_proxy: FaultProxy, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Time we spend before reading the first part's body (reserving room) is not a server stall."""
+    want = _put(s3, "slowroom.csv", os.urandom(1 << 20))
+    # as if the headers' recv brought little body: the stall window sees less than the minimum
+    monkeypatch.setattr(transport, "MIN_PROGRESS", 1 << 30)
+    fetcher = _fetcher(fault_proxy, read_timeout_s=1.0, max_attempts=1)
+    with store.staged() as staged:
+        got = fetcher.fetch(
+            BUCKET, "slowroom.csv", None, staged, max_bytes=2 << 20,
+            deadline=time.monotonic() + 20, on_meta=lambda meta: time.sleep(1.5),
+        )  # fmt: skip
+    assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))
+
+
 # --- the transport: idle connections, trickles, proxies -------------------------------
 
 

@@ -165,6 +165,11 @@ class _DeadlineRaw(io.RawIOBase):
         self._window_start = time.monotonic()
         self._window_bytes = 0
 
+    def restart_window(self) -> None:
+        """The stall bound counts from now: the time before was ours, not the server's."""
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
     def forget_timeout(self) -> None:
         """Someone else set the socket's timeout: set ours again before the next recv."""
         self._timeout = None
@@ -261,6 +266,7 @@ class Response:
         self._will_close = will_close
         self.length = self._body_length()
         self.remaining = self.length if self.length is not None else -1
+        self._body_started = False
 
     def header(self, name: str) -> str | None:
         value = self.headers.get(name)
@@ -290,6 +296,11 @@ class Response:
             return 0
         if self.remaining > 0 and len(buf) > self.remaining:
             buf = buf[: self.remaining]
+        if not self._body_started:
+            # the body may be read long after the headers (room reserved, a queued
+            # revalidation answer): that wait is not the server stalling
+            self._body_started = True
+            self._conn.raw.restart_window()
         try:
             n = self._conn.fp.readinto1(buf)
         except BaseException:
