@@ -426,3 +426,20 @@ def test_abort_ends_a_fetch_with_unavailable() -> None:
     f.abort()
     with pytest.raises(errors.Unavailable):
         _fetch(f)
+
+
+class FullSink(ListSink):
+    """A disk that fills up: every write says ENOSPC, as the store's staged file does."""
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        raise errors.CacheFull("no room left in the asset cache")
+
+
+@pytest.mark.parametrize("n", [1000, 3 << 20])
+def test_disk_full_while_writing_is_cache_full_not_retried(n: int) -> None:
+    """A write failing for lack of room ends the fetch cache_full, never retried as S3's fault."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=2)
+    f.put("bucket", "k", _blob(n))
+    with pytest.raises(errors.CacheFull):
+        f.fetch("bucket", "k", None, FullSink(), max_bytes=1 << 30, deadline=_deadline())
+    assert f.requests["get"] <= 3  # the first part, and at most one part per other worker

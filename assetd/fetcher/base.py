@@ -42,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 from assetd.config import S3Config
 from assetd.errors import (
     AssetError,
+    CacheFull,
     IntegrityError,
     Timeout,
     TooLarge,
@@ -612,7 +613,8 @@ class Fetcher(ABC):
                 if resp is not None:
                     resp.close()
                     resp = None
-                if not exc.retryable or isinstance(exc, Timeout):
+                # a full disk is no fault of S3's: asking again only downloads more to drop
+                if not exc.retryable or isinstance(exc, Timeout | CacheFull):
                     raise
                 attempt += 1
                 if attempt >= self.retry.max_attempts:
