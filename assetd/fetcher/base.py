@@ -605,7 +605,8 @@ class Fetcher(ABC):
                 self._drain(job, part, resp, sink, buf, inline=inline)
                 resp.close()
                 resp = None
-                if not part.complete:
+                # another part may have ended the job: then this one stops unfinished (loop top)
+                if not part.complete and job.error is None:
                     raise Unavailable(
                         "S3 response body was truncated", detail=f"part at {part.start}"
                     )
@@ -656,7 +657,7 @@ class Fetcher(ABC):
                     part.done += filled
                     job.cond.notify_all()
                 filled = 0
-            if not n:
+            if not n or job.error is not None:  # no reading on after another part failed
                 return
 
     def _hash_prefix(self, job: _Job, sink: BlobSink, digests: _Digests) -> None:
