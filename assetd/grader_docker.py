@@ -249,7 +249,8 @@ def _run(container: Any, method: str, job: _Job) -> tuple[int, int, bytes]:
             workdir="/",
         )["Id"]
         raw = api.exec_start(exec_id, socket=True)
-    except DockerException as exc:
+    # the SDK lets the engine's connection errors out as requests' (OSError) ones, unwrapped
+    except (DockerException, OSError) as exc:
         raise Unavailable(
             "could not place assets in the sandbox: the Docker engine refused the exec",
             detail=str(exc),
@@ -280,7 +281,7 @@ def _run(container: Any, method: str, job: _Job) -> tuple[int, int, bytes]:
             if reader.is_alive() and not api.exec_inspect(exec_id)["Running"]:
                 break
         code = _exit_code(api, exec_id, timeout_s)
-    except DockerException as exc:
+    except (DockerException, OSError) as exc:
         raise Unavailable(
             "could not place assets in the sandbox: the Docker engine did not answer",
             detail=str(exc),

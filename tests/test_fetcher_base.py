@@ -426,3 +426,57 @@ def test_abort_ends_a_fetch_with_unavailable() -> None:
     f.abort()
     with pytest.raises(errors.Unavailable):
         _fetch(f)
+
+
+class FullSink(ListSink):
+    """A disk that fills up: every write says ENOSPC, as the store's staged file does."""
+
+    def pwrite(self, data: memoryview, offset: int) -> None:
+        raise errors.CacheFull("no room left in the asset cache")
+
+
+@pytest.mark.parametrize("n", [1000, 3 << 20])
+def test_disk_full_while_writing_is_cache_full_not_retried(n: int) -> None:
+    """A write failing for lack of room ends the fetch cache_full, never retried as S3's fault."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=2)
+    f.put("bucket", "k", _blob(n))
+    with pytest.raises(errors.CacheFull):
+        f.fetch("bucket", "k", None, FullSink(), max_bytes=1 << 30, deadline=_deadline())
+    assert f.requests["get"] <= 3  # the first part, and at most one part per other worker
+
+
+class OnePartRefused(MemoryFetcher):
+    """The part at ``refused`` is denied at once; every other later part drips 4 KiB a read."""
+
+    def __init__(self, refused: int, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.refused = refused
+        self.dripped = 0  # bytes the dripping parts handed out
+        self.lock = threading.Lock()
+
+    def _get(self, bucket: str, key: str, version_id: str | None, **kw: Any) -> PartResponse:
+        if kw["start"] == self.refused:
+            raise errors.AccessDenied("access to the object was denied by S3")
+        part = super()._get(bucket, key, version_id, **kw)
+        if kw["start"] == 0:
+            return part
+        fetcher, read = self, part.readinto
+
+        def drip(buf: memoryview) -> int:
+            time.sleep(0.02)
+            n = read(buf[: 4 << 10])
+            with fetcher.lock:
+                fetcher.dripped += n
+            return n
+
+        part.readinto = drip  # type: ignore[method-assign]
+        return part
+
+
+def test_part_failing_for_good_stops_the_other_parts() -> None:
+    """Once one part fails for good, parts still downloading stop instead of reading on."""
+    f = OnePartRefused(refused=2 << 20, part_size=1 << 20, max_concurrency=3)
+    f.put("bucket", "k", _blob(4 << 20)).etag = MULTIPART_ETAG
+    with pytest.raises(errors.AccessDenied):
+        _fetch(f)
+    assert f.dripped < 256 << 10  # a whole part is 1 MiB

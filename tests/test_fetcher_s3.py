@@ -328,8 +328,9 @@ def test_oversize_object_refused_after_one_get(
         ("Content-Length", "abc"),
         ("Content-Range", "bytes 5-9/5000"),
         ("Content-Range", "bytes 0-99/100"),
+        ("Content-Length", "5\u00b2"),  # str.isdigit() is true for a superscript two
     ],
-    ids=["negative-length", "non-numeric-length", "other-range", "short-range"],
+    ids=["negative-length", "non-numeric-length", "other-range", "short-range", "superscript"],
 )
 def test_nonsense_headers_are_unavailable(
     s3: Any, fault_proxy: FaultProxy, store: Store, header: tuple[str, str]
@@ -337,11 +338,13 @@ def test_nonsense_headers_are_unavailable(
     """Nonsense framing headers on every answer end in a retryable unavailable, never internal."""
     _put(s3, "liar.bin", os.urandom(5000))
     fault_proxy.add(method="GET", header=header)
+    fetcher = _fetcher(fault_proxy, max_attempts=2)
     with pytest.raises(errors.Unavailable) as info:
-        _fetch(_fetcher(fault_proxy, max_attempts=2), store, "liar.bin")
+        _fetch(fetcher, store, "liar.bin")
     assert (True, True) == (info.value.retryable, "BadResponse" in (info.value.detail or ""))
     assert 2 == fault_proxy.counts["GET"]
     assert [] == list(store.tmp.iterdir())
+    assert set() == fetcher._pool._busy  # every connection of a refused answer was closed
 
 
 def test_object_replaced_between_parts_is_byte_exact(
@@ -415,6 +418,22 @@ def test_revalidate_changed_reuses_the_answer(
         got = fetcher.fetch(
             BUCKET, "chg.csv", None, staged, max_bytes=1 << 20, deadline=deadline, first=first
         )
+    assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))
+
+
+def test_slow_reservation_before_the_body_is_no_stall(
+    s3: Any, fault_proxy: FaultProxy, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Time we spend before reading the first part's body (reserving room) is not a server stall."""
+    want = _put(s3, "slowroom.csv", os.urandom(1 << 20))
+    # as if the headers' recv brought little body: the stall window sees less than the minimum
+    monkeypatch.setattr(transport, "MIN_PROGRESS", 1 << 30)
+    fetcher = _fetcher(fault_proxy, read_timeout_s=1.0, max_attempts=1)
+    with store.staged() as staged:
+        got = fetcher.fetch(
+            BUCKET, "slowroom.csv", None, staged, max_bytes=2 << 20,
+            deadline=time.monotonic() + 20, on_meta=lambda meta: time.sleep(1.5),
+        )  # fmt: skip
     assert (want, {"GET": 1}) == (got.sha256, dict(fault_proxy.counts))
 
 

@@ -6,6 +6,7 @@ import hashlib
 import io
 import logging
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from assetd import grader_docker
 from assetd.errors import BadRequest, Unavailable
@@ -248,6 +250,43 @@ def test_engine_refusing_exec_is_unavailable(dockerd: Dockerd, tmp_path: Path) -
         assert info.value.retryable
     finally:
         container.remove(force=True)
+
+
+class _GoneEngine:
+    """A docker SDK APIClient whose engine stops answering at call ``fail_at`` (a restart)."""
+
+    def __init__(self, fail_at: str) -> None:
+        self.fail_at = fail_at
+        self.ours, self.theirs = socket.socketpair()  # the exec's stdin/stdout stream
+
+    def _call(self, name: str) -> None:
+        if name == self.fail_at:
+            raise requests.exceptions.ConnectionError("Connection aborted: engine went away")
+
+    def exec_create(self, *args: Any, **kw: Any) -> dict[str, str]:
+        self._call("exec_create")
+        return {"Id": "e0"}
+
+    def exec_start(self, *args: Any, **kw: Any) -> socket.socket:
+        self._call("exec_start")
+        return self.ours
+
+    def exec_inspect(self, *args: Any, **kw: Any) -> dict[str, Any]:
+        self._call("exec_inspect")
+        return {"Running": True, "ExitCode": None}
+
+
+@pytest.mark.parametrize("fail_at", ["exec_create", "exec_start", "exec_inspect"])
+def test_engine_going_away_is_unavailable(tmp_path: Path, fail_at: str) -> None:
+    """The engine's connection failing (dockerd restarting) is a retryable unavailable."""
+    engine = _GoneEngine(fail_at)
+    container = type("Container", (), {"id": "c0" * 32, "client": type("C", (), {"api": engine})})
+    try:
+        with pytest.raises(Unavailable) as info:
+            inject(container, [_asset(tmp_path, "/tmp/a", b"a")], method="tar", timeout_s=1.0)
+        assert info.value.retryable
+    finally:
+        engine.theirs.close()
 
 
 def test_grader_imports_without_docker_sdk() -> None:

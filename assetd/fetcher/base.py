@@ -42,6 +42,7 @@ from typing import Any, Protocol, TypeVar
 from assetd.config import S3Config
 from assetd.errors import (
     AssetError,
+    CacheFull,
     IntegrityError,
     Timeout,
     TooLarge,
@@ -604,7 +605,8 @@ class Fetcher(ABC):
                 self._drain(job, part, resp, sink, buf, inline=inline)
                 resp.close()
                 resp = None
-                if not part.complete:
+                # another part may have ended the job: then this one stops unfinished (loop top)
+                if not part.complete and job.error is None:
                     raise Unavailable(
                         "S3 response body was truncated", detail=f"part at {part.start}"
                     )
@@ -612,7 +614,8 @@ class Fetcher(ABC):
                 if resp is not None:
                     resp.close()
                     resp = None
-                if not exc.retryable or isinstance(exc, Timeout):
+                # a full disk is no fault of S3's: asking again only downloads more to drop
+                if not exc.retryable or isinstance(exc, Timeout | CacheFull):
                     raise
                 attempt += 1
                 if attempt >= self.retry.max_attempts:
@@ -654,7 +657,7 @@ class Fetcher(ABC):
                     part.done += filled
                     job.cond.notify_all()
                 filled = 0
-            if not n:
+            if not n or job.error is not None:  # no reading on after another part failed
                 return
 
     def _hash_prefix(self, job: _Job, sink: BlobSink, digests: _Digests) -> None:

@@ -195,7 +195,7 @@ def translate_error(
 
 
 def _length(value: str | None) -> int:
-    if value is None or not value.strip().isdigit() or len(value.strip()) > 20:
+    if value is None or not re.fullmatch(r"[0-9]{1,20}", value.strip()):
         raise BadResponse(f"invalid Content-Length {value!r}")
     return int(value.strip())
 

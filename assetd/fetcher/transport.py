@@ -165,6 +165,11 @@ class _DeadlineRaw(io.RawIOBase):
         self._window_start = time.monotonic()
         self._window_bytes = 0
 
+    def restart_window(self) -> None:
+        """The stall bound counts from now: the time before was ours, not the server's."""
+        self._window_start = time.monotonic()
+        self._window_bytes = 0
+
     def forget_timeout(self) -> None:
         """Someone else set the socket's timeout: set ours again before the next recv."""
         self._timeout = None
@@ -261,6 +266,7 @@ class Response:
         self._will_close = will_close
         self.length = self._body_length()
         self.remaining = self.length if self.length is not None else -1
+        self._body_started = False
 
     def header(self, name: str) -> str | None:
         value = self.headers.get(name)
@@ -274,7 +280,7 @@ class Response:
         values = self.headers.get_all("Content-Length") or []
         if not values:
             return None
-        if len(set(values)) != 1 or not str(values[0]).strip().isdigit():
+        if len(set(values)) != 1 or not _digits(str(values[0]).strip()):
             raise BadResponse(f"invalid Content-Length {values!r}")
         return int(str(values[0]).strip())
 
@@ -290,6 +296,11 @@ class Response:
             return 0
         if self.remaining > 0 and len(buf) > self.remaining:
             buf = buf[: self.remaining]
+        if not self._body_started:
+            # the body may be read long after the headers (room reserved, a queued
+            # revalidation answer): that wait is not the server stalling
+            self._body_started = True
+            self._conn.raw.restart_window()
         try:
             n = self._conn.fp.readinto1(buf)
         except BaseException:
@@ -506,6 +517,9 @@ class Pool:
                     self.stale_retries += 1
                     continue  # the server closed it while idle: at once, on a new connection
                 raise
+            except BaseException:
+                self.discard(conn)  # never left in _busy with its socket open
+                raise
 
     def _send(
         self,
@@ -556,6 +570,11 @@ class Pool:
 
 def _status_line(line: bytes) -> tuple[str, int, str]:
     parts = line.decode("iso-8859-1").rstrip("\r\n").split(None, 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not _digits(parts[1]):
         raise BadResponse(f"bad status line {line[:80]!r}")
     return parts[0], int(parts[1]), parts[2] if len(parts) > 2 else ""
+
+
+def _digits(text: str) -> bool:
+    """ASCII digits only: ``str.isdigit`` also takes a superscript two, which int() refuses."""
+    return text.isascii() and text.isdigit()
