@@ -175,7 +175,7 @@ def _client(socket_path: str | None, timeout: float) -> AssetdClient:
 
 
 def _unreachable(exc: DaemonUnreachable) -> NoReturn:
-    _fail(exc.message, 3)
+    _fail(exc.for_operator(), 3)
 
 
 _SECONDS = click.FloatRange(0, min_open=True)  # a bad --timeout is a usage error (exit 2)

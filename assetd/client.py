@@ -40,9 +40,18 @@ class DaemonUnreachable(Unavailable):
 
     def __init__(self, socket_path: str, reason: str, *, denied: bool = False) -> None:
         hint = "is this user in the socket's group?" if denied else "is the service running?"
-        super().__init__(f"cannot reach assetd at {socket_path}: {reason}; {hint}", detail=reason)
+        # the path stays out of the message, which may reach a student's verdict
+        super().__init__(
+            f"cannot reach the assetd daemon: {reason}; {hint}", detail=f"{socket_path}: {reason}"
+        )
         self.socket_path = socket_path
+        self.reason = reason
+        self.hint = hint
         self.denied = denied
+
+    def for_operator(self) -> str:
+        """The message with the socket's path, for a command line or a log."""
+        return f"cannot reach assetd at {self.socket_path}: {self.reason}; {self.hint}"
 
 
 def _prefetch_item(
