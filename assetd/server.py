@@ -927,6 +927,8 @@ _RELOADABLE = frozenset(
         "cache.negative_ttl_s",
         "cache.max_bytes",
         "cache.min_free_bytes",
+        "cache.quarantine_max_age_s",  # read by each housekeeping pass and gc
+        "cache.quarantine_max_bytes",
     }
 )
 

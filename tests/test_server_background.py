@@ -177,3 +177,25 @@ def test_metrics_show_a_failing_background_task(daemon: Daemon) -> None:
     assert 'assetd_background_ok{task="flush"} 0.0' in failing
     assert 'assetd_background_ok{task="flush"} 1.0' in ok
     assert 'assetd_background_failures_total{task="flush"} 1.0' in ok
+
+
+def test_reload_applies_the_quarantine_limits(tmp_path: Path) -> None:
+    """SIGHUP applies cache.quarantine_max_age_s/_bytes, as docs/setup-config.md promises."""
+    path = tmp_path / "assetd.toml"
+    path.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n')
+    cfg = load_config(path)
+    d = Daemon(cfg, AssetService(cfg, MemoryFetcher(), Store(cfg.cache.dir, lock=True)))
+    try:
+        path.write_text(
+            f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+            'quarantine_max_age_s = 60\nquarantine_max_bytes = "1MiB"\n'
+        )
+        d.reload()
+        applied = (d.config.cache.quarantine_max_age_s, d.config.cache.quarantine_max_bytes)
+    finally:
+        d.requests.shutdown(wait=False)
+        d.prefetches.shutdown(wait=False)
+        d.service.close()
+        d.service.store.close()
+        d.loop.close()
+    assert (60.0, 1 << 20) == applied
