@@ -254,6 +254,7 @@ class _Connection(asyncio.Protocol):
                 if self.reading and not transport.is_closing():
                     transport.pause_reading()
                     self.reading = False
+                self.line_started = None  # our pause holds the line up; its clock restarts after
                 return
             nl = self.buf.find(b"\n")
             if nl < 0:
