@@ -582,7 +582,7 @@ class Daemon:
         store = self.service.store
         with self._maintenance:  # one at a time; a second waits rather than doubling the I/O
             if op == "verify":
-                report = store.verify()
+                report = store.verify(stop=self._stopping)  # else SIGTERM waits for every blob
                 log.info("verify", **report.to_dict())
                 return report.to_dict()
             cache = self.config.cache

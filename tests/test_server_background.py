@@ -199,3 +199,18 @@ def test_reload_applies_the_quarantine_limits(tmp_path: Path) -> None:
         d.service.store.close()
         d.loop.close()
     assert (60.0, 1 << 20) == applied
+
+
+def test_verify_ends_when_the_daemon_stops(daemon: Daemon) -> None:
+    """A verify in the daemon stops at shutdown with a retryable error, not after every blob."""
+    from assetd.errors import Unavailable
+
+    fetcher = daemon.service.fetcher
+    assert isinstance(fetcher, MemoryFetcher)
+    for i in range(3):
+        fetcher.put("bucket-a", f"k{i}", f"bytes {i}".encode())
+        daemon.service.resolve(f"s3://bucket-a/k{i}")
+    daemon._stopping.set()  # SIGTERM, grace over: _close waits on the request pool
+    with pytest.raises(Unavailable) as info:
+        daemon.maintenance("verify")
+    assert (True, "unavailable") == (info.value.retryable, info.value.code)
