@@ -132,13 +132,29 @@ def peer_groups(sock: socket.socket) -> frozenset[int]:
     """
     for size in (256, 65536):  # NGROUPS_MAX is 65536; few peers have more than 256
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * _GID.size)
+            if size * _GID.size <= 1024:
+                raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * _GID.size)
+            else:  # Python's getsockopt refuses buffers over 1024 bytes: ask libc directly
+                raw = _getsockopt_raw(sock.fileno(), SO_PEERGROUPS, size * _GID.size)
         except OSError as exc:
             if exc.errno == errno.ERANGE:
                 continue
             return frozenset()
         return frozenset(g for (g,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
     return frozenset()
+
+
+def _getsockopt_raw(fd: int, option: int, size: int) -> bytes:
+    """``getsockopt(fd, SOL_SOCKET, option)`` into a buffer of ``size`` bytes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, option, buf, ctypes.byref(length)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return buf.raw[: length.value]
 
 
 class _Throttled:

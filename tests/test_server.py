@@ -41,6 +41,25 @@ def test_peer_groups_are_the_kernels_record() -> None:
     assert "[4242, 4343]" == seen
 
 
+def test_peer_groups_beyond_256_are_all_read() -> None:
+    """A peer in 300 supplementary groups (NGROUPS_MAX is 65536): all 300 are seen, as root."""
+    wanted = list(range(10_000, 10_300))
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            os.setgroups(wanted)
+            left, _right = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            os.write(write_fd, repr(sorted(server.peer_groups(left))).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd) as reader:
+        seen = reader.read()
+    os.waitpid(pid, 0)
+    assert repr(wanted) == seen
+
+
 def test_peer_groups_of_a_non_unix_socket_is_empty() -> None:
     """A socket the option does not apply to gives no groups, not an error."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
