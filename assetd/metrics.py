@@ -9,7 +9,8 @@ gated like the daemon's, or written to a textfile (``[metrics] listen`` /
 ``/metrics`` is served by the daemon's event loop, never a thread per
 connection: at most ``MAX_CONNECTIONS`` at once (more are closed at once),
 each closed after ``TIMEOUT_S``, and the text rendered at most once per
-``CACHE_S`` however many scrapers ask.
+``CACHE_S`` however many scrapers ask, on one thread of its own: ``stats()``
+may wait (on start-up recovery, the store's lock), and the loop must not.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from prometheus_client import (
@@ -37,8 +39,11 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from assetd.errors import ConfigError
+from assetd.log import get_logger
 
 __all__ = ["Histogram", "Metrics", "PrometheusExport"]
+
+log = get_logger("assetd.metrics")
 
 # seconds: a hit is tens of microseconds, a cold 256 MiB fetch about half a second
 BUCKETS = (
@@ -208,6 +213,7 @@ class _Scrape(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.allowed = False
+        self.taken = False  # the request was read; its answer is being rendered
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         stream: asyncio.Transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
@@ -228,7 +234,7 @@ class _Scrape(asyncio.Protocol):
             self.export.open -= 1
 
     def data_received(self, data: bytes) -> None:
-        if self.transport is None or self.transport.is_closing():
+        if self.transport is None or self.transport.is_closing() or self.taken:
             return
         self.buf += data
         end = self.buf.find(b"\r\n\r\n")
@@ -248,8 +254,25 @@ class _Scrape(asyncio.Protocol):
         elif path not in (b"/metrics", b"/"):
             self._reply(b"404 Not Found", b"")
         else:
-            body = self.export.render()
-            self._reply(b"200 OK", b"" if method == b"HEAD" else body, len(body))
+            # rendered off the loop: stats() may wait (on recovery, the store's lock, the disk)
+            future = asyncio.get_running_loop().run_in_executor(
+                self.export.renderer, self.export.render
+            )
+            future.add_done_callback(lambda f: self._rendered(f, method == b"HEAD"))
+            self.taken = True  # one request per connection: bytes after it are ignored
+
+    def _rendered(self, future: asyncio.Future[bytes], head_only: bool) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return  # timed out meanwhile
+        if future.cancelled() or future.exception() is not None:
+            log.warning(
+                "metrics render failed",
+                error=repr(None if future.cancelled() else future.exception()),
+            )
+            self._reply(b"500 Internal Server Error", b"")
+            return
+        body = future.result()
+        self._reply(b"200 OK", b"" if head_only else body, len(body))
 
     def _reply(self, status: bytes, body: bytes, length: int | None = None) -> None:
         assert self.transport is not None
@@ -285,6 +308,8 @@ class PrometheusExport:
         self.open = 0  # scrape connections open now
         self.refused = 0  # scrape connections closed at once: MAX_CONNECTIONS were open
         self._rendered: tuple[float, bytes] = (-1e18, b"")
+        # one thread renders for every scrape: bounded however many connect
+        self.renderer = ThreadPoolExecutor(1, thread_name_prefix="assetd-metrics")
         self._stop = threading.Event()
         self._servers: list[asyncio.AbstractServer] = []
 
@@ -339,4 +364,5 @@ class PrometheusExport:
 
     def stop(self) -> None:
         self._stop.set()
+        self.renderer.shutdown(wait=False, cancel_futures=True)
         self.write_textfile()

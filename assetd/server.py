@@ -132,13 +132,29 @@ def peer_groups(sock: socket.socket) -> frozenset[int]:
     """
     for size in (256, 65536):  # NGROUPS_MAX is 65536; few peers have more than 256
         try:
-            raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * _GID.size)
+            if size * _GID.size <= 1024:
+                raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, size * _GID.size)
+            else:  # Python's getsockopt refuses buffers over 1024 bytes: ask libc directly
+                raw = _getsockopt_raw(sock.fileno(), SO_PEERGROUPS, size * _GID.size)
         except OSError as exc:
             if exc.errno == errno.ERANGE:
                 continue
             return frozenset()
         return frozenset(g for (g,) in _GID.iter_unpack(raw[: len(raw) - len(raw) % _GID.size]))
     return frozenset()
+
+
+def _getsockopt_raw(fd: int, option: int, size: int) -> bytes:
+    """``getsockopt(fd, SOL_SOCKET, option)`` into a buffer of ``size`` bytes."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if libc.getsockopt(fd, socket.SOL_SOCKET, option, buf, ctypes.byref(length)) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+    return buf.raw[: length.value]
 
 
 class _Throttled:
@@ -254,6 +270,7 @@ class _Connection(asyncio.Protocol):
                 if self.reading and not transport.is_closing():
                     transport.pause_reading()
                     self.reading = False
+                self.line_started = None  # our pause holds the line up; its clock restarts after
                 return
             nl = self.buf.find(b"\n")
             if nl < 0:
@@ -581,7 +598,7 @@ class Daemon:
         store = self.service.store
         with self._maintenance:  # one at a time; a second waits rather than doubling the I/O
             if op == "verify":
-                report = store.verify()
+                report = store.verify(stop=self._stopping)  # else SIGTERM waits for every blob
                 log.info("verify", **report.to_dict())
                 return report.to_dict()
             cache = self.config.cache
@@ -927,6 +944,8 @@ _RELOADABLE = frozenset(
         "cache.negative_ttl_s",
         "cache.max_bytes",
         "cache.min_free_bytes",
+        "cache.quarantine_max_age_s",  # read by each housekeeping pass and gc
+        "cache.quarantine_max_bytes",
     }
 )
 

@@ -233,6 +233,9 @@ class AssetService:
             return
         with self._lock:
             now = time.monotonic()
+            held = self._negative.get(key)
+            if held is not None and held[0] > now:
+                return  # a repeat from memory (a pinned request's): the TTL runs from S3's answer
             if len(self._negative) >= _NEGATIVE_MAX:
                 self._negative = {k: v for k, v in self._negative.items() if v[0] > now}
             if len(self._negative) < _NEGATIVE_MAX:

@@ -57,7 +57,7 @@ from typing import Any
 
 import diskcache
 
-from assetd.errors import AssetError, CacheFull, InternalError
+from assetd.errors import AssetError, CacheFull, InternalError, Unavailable
 from assetd.log import get_logger
 
 __all__ = [
@@ -1073,17 +1073,22 @@ class Store:
             with self._lock:
                 self._reserved -= size
 
-    def verify(self) -> VerifyReport:
-        """Re-hash every blob; quarantine those whose bytes do not match their name."""
-        with self._exclusive():
-            return self._verify()
+    def verify(self, stop: threading.Event | None = None) -> VerifyReport:
+        """Re-hash every blob; quarantine those whose bytes do not match their name.
 
-    def _verify(self) -> VerifyReport:
+        ``stop`` set (the daemon is shutting down) ends it early with ``Unavailable``.
+        """
+        with self._exclusive():
+            return self._verify(stop)
+
+    def _verify(self, stop: threading.Event | None = None) -> VerifyReport:
         started = time.monotonic()
         report = VerifyReport()
         self._load_all()
         for sub in sorted(self.blobs.iterdir()):
             for path in sorted(sub.iterdir()) if sub.is_dir() else ():
+                if stop is not None and stop.is_set():
+                    raise Unavailable("verify stopped: assetd is shutting down; run it again")
                 sha = hashlib.sha256()
                 try:
                     with open(path, "rb") as f:

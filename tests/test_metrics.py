@@ -396,6 +396,35 @@ def test_unix_socket_admits_and_refuses_by_peer(tmp_path: Path) -> None:
     assert (True, False) == (refused.startswith(b"HTTP/1.1 403 "), b"assetd_" in refused)
 
 
+def test_a_slow_stats_does_not_block_the_event_loop() -> None:
+    """While stats() waits (e.g. on start-up recovery), the loop keeps running other work."""
+    release = threading.Event()
+
+    def stats() -> dict[str, Any]:
+        release.wait(10)  # Daemon.stats waits here on store.totals() until recovery ends
+        return fake_stats()
+
+    port = _free_port()
+    served = _Served(PrometheusExport(stats, Metrics(), listen=f"127.0.0.1:{port}", textfile=None))
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.3)  # the scrape is now waiting on stats()
+            tick = asyncio.run_coroutine_threadsafe(asyncio.sleep(0), served.loop)
+            with contextlib.suppress(TimeoutError):
+                tick.result(2)
+            loop_ran = tick.done()
+            release.set()
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+    finally:
+        release.set()
+        served.close()
+    assert (True, True) == (loop_ran, answer.startswith(b"HTTP/1.1 200 "))
+    assert b"assetd_cache_entries 3.0" in answer
+
+
 def test_render_is_cached_for_a_second() -> None:
     """Scrapes within CACHE_S share one rendering: a flood cannot make stats() run per request."""
     calls = []

@@ -84,9 +84,12 @@ def test_flush_loop_survives_failures_and_reports_them(
     daemon.background = Background(base_delay_s=0.01, max_delay_s=0.02)
     outcomes = iter([OSError("disk full"), OSError("disk full"), None, None])
     calls = []
+    seen: dict[str, Any] = {}
 
     def flaky() -> int:
         calls.append(1)
+        if len(calls) == 3:  # both failures are recorded before the third try starts
+            seen.update(daemon.background.snapshot().get("flush", {}))
         error = next(outcomes, None)
         if error is not None:
             raise error
@@ -94,18 +97,15 @@ def test_flush_loop_survives_failures_and_reports_them(
 
     monkeypatch.setattr(daemon.service.store, "flush", flaky)
 
-    async def run() -> dict[str, Any]:
+    async def run() -> None:
         task = asyncio.ensure_future(daemon._flush_loop())
         deadline = daemon.loop.time() + 10
-        while len(calls) < 2 and daemon.loop.time() < deadline:
-            await asyncio.sleep(0.005)
-        failing = daemon.background.snapshot().get("flush", {})
         while len(calls) < 4 and daemon.loop.time() < deadline and not task.done():
             await asyncio.sleep(0.005)
         task.cancel()
-        return failing
 
-    failing = daemon.loop.run_until_complete(run())
+    daemon.loop.run_until_complete(run())
+    failing = seen
     stats = daemon.stats()
     assert 4 == len(calls)
     assert (False, 2) == (failing.get("ok"), failing.get("failures"))
@@ -177,3 +177,40 @@ def test_metrics_show_a_failing_background_task(daemon: Daemon) -> None:
     assert 'assetd_background_ok{task="flush"} 0.0' in failing
     assert 'assetd_background_ok{task="flush"} 1.0' in ok
     assert 'assetd_background_failures_total{task="flush"} 1.0' in ok
+
+
+def test_reload_applies_the_quarantine_limits(tmp_path: Path) -> None:
+    """SIGHUP applies cache.quarantine_max_age_s/_bytes, as docs/setup-config.md promises."""
+    path = tmp_path / "assetd.toml"
+    path.write_text(f'[cache]\ndir = "{tmp_path / "cache"}"\n')
+    cfg = load_config(path)
+    d = Daemon(cfg, AssetService(cfg, MemoryFetcher(), Store(cfg.cache.dir, lock=True)))
+    try:
+        path.write_text(
+            f'[cache]\ndir = "{tmp_path / "cache"}"\n'
+            'quarantine_max_age_s = 60\nquarantine_max_bytes = "1MiB"\n'
+        )
+        d.reload()
+        applied = (d.config.cache.quarantine_max_age_s, d.config.cache.quarantine_max_bytes)
+    finally:
+        d.requests.shutdown(wait=False)
+        d.prefetches.shutdown(wait=False)
+        d.service.close()
+        d.service.store.close()
+        d.loop.close()
+    assert (60.0, 1 << 20) == applied
+
+
+def test_verify_ends_when_the_daemon_stops(daemon: Daemon) -> None:
+    """A verify in the daemon stops at shutdown with a retryable error, not after every blob."""
+    from assetd.errors import Unavailable
+
+    fetcher = daemon.service.fetcher
+    assert isinstance(fetcher, MemoryFetcher)
+    for i in range(3):
+        fetcher.put("bucket-a", f"k{i}", f"bytes {i}".encode())
+        daemon.service.resolve(f"s3://bucket-a/k{i}")
+    daemon._stopping.set()  # SIGTERM, grace over: _close waits on the request pool
+    with pytest.raises(Unavailable) as info:
+        daemon.maintenance("verify")
+    assert (True, "unavailable") == (info.value.retryable, info.value.code)

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pytest
 
 from assetd import errors
+from assetd import service as service_module
 from assetd.catalog import Catalog, CatalogEntry
 from assetd.fetcher.memory import MemoryFetcher
 from assetd.uri import S3Source
@@ -90,6 +92,36 @@ def test_pin_served_after_delete_despite_negative_cache(env: Env) -> None:
     with pytest.raises(errors.NotFound):  # other content: the remembered not_found stands
         env.service.resolve(SRC, sha256=sha(NEW))
     assert 2 == _requests(env)["get"]  # the first fetch and the not_found, nothing after
+
+
+class _Clock:
+    """The service's ``time`` module with a monotonic clock the test moves ahead."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    @staticmethod
+    def time() -> float:
+        return time.time()
+
+
+def test_pinned_repeats_do_not_extend_a_remembered_not_found(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A not_found is remembered negative_ttl_s from S3's answer, however often pins repeat it."""
+    clock = _Clock()
+    monkeypatch.setattr(service_module, "time", clock)
+    with pytest.raises(errors.NotFound):
+        env.service.resolve(SRC, sha256=sha(OLD))  # S3: not_found, remembered for 10 s
+    clock.ahead += 6
+    with pytest.raises(errors.NotFound):
+        env.service.resolve(SRC, sha256=sha(OLD))  # from memory
+    env.fetcher.put(BUCKET, KEY, OLD)  # the teacher uploads it
+    clock.ahead += 6  # 12 s after S3's answer
+    assert "miss" == env.service.resolve(SRC, sha256=sha(OLD)).cache
 
 
 def test_pin_try_hit_answers_from_memory(env: Env) -> None:
