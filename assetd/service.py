@@ -60,6 +60,14 @@ def _check_version_id(version_id: object) -> str | None:
     return version_id
 
 
+def _take(parts: list[PartResponse]) -> PartResponse | None:
+    """The part, if no one took it yet: a fetch thread and a waiter that gave up may race."""
+    try:
+        return parts.pop()  # atomic, unlike a test then a pop
+    except IndexError:
+        return None
+
+
 @dataclass(frozen=True, slots=True)
 class _Ask:
     """One validated request, before any I/O."""
@@ -337,13 +345,14 @@ class AssetService:
                     # evicted while we asked S3: fetch it again
             (entry, path), shared = self._flight.do(
                 ask.flight_key,
-                lambda: self._fetch(ask, first.pop() if first else None),
+                lambda: self._fetch(ask, _take(first)),
                 timeout=max(0.0, deadline - time.monotonic()),
             )
             return self._serve(ask, entry, path, "coalesced" if shared else "miss")
         finally:
-            while first:
-                first.pop().close()
+            part = _take(first)  # not handed to a fetch: ours to close
+            if part is not None:
+                part.close()
 
     def _fetch(self, ask: _Ask, first: PartResponse | None) -> tuple[Entry, Path]:
         # the download has its own deadline: waiters may give up, the cache still fills
