@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,33 @@ def test_lock_is_released_on_close(root: Path) -> None:
     """Closing the owner frees the cache for the next one."""
     Store(root, lock=True).close()
     Store(root, lock=True).close()
+
+
+def test_passes_of_one_non_owner_store_do_not_refuse_each_other(root: Path) -> None:
+    """Threads of one store (no daemon around) evict at once: none gets CacheLocked."""
+    store = Store(root)
+    started, release = threading.Event(), threading.Event()
+    errors_seen: list[BaseException] = []
+
+    def long_pass() -> None:
+        try:
+            with store._exclusive():
+                started.set()
+                release.wait(10)
+        except BaseException as exc:  # what is being counted
+            errors_seen.append(exc)
+
+    t = threading.Thread(target=long_pass)
+    t.start()
+    try:
+        assert started.wait(10)
+        report = store.evict(max_bytes=1 << 30, min_free_bytes=0)  # while the other pass runs
+    finally:
+        release.set()
+        t.join(10)
+    assert ([], False) == (errors_seen, report.full)
+    Store(root, lock=True).close()  # every pass released the lock file
+    store.close()
 
 
 @pytest.mark.parametrize("op", ["recover", "verify"])

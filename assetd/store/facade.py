@@ -79,6 +79,9 @@ class Store(Eviction):
         self._recovery_lock = threading.Lock()
         self.recovered = threading.Event()
         self.recovery = None
+        self._pass_mutex = threading.Lock()
+        self._passes = 0
+        self._pass_fd = -1
 
     def close(self) -> None:
         try:

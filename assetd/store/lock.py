@@ -17,6 +17,7 @@ import errno
 import fcntl
 import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,9 @@ class Ownership(BlobFiles):
 
     root: Path
     _lock_fd: int | None
+    _pass_mutex: threading.Lock  # guards the two below (non-owners only)
+    _passes: int  # destructive passes running in this store
+    _pass_fd: int  # the lock file's fd while any of them runs
 
     @property
     def owner(self) -> bool:
@@ -98,11 +102,19 @@ class Ownership(BlobFiles):
         if self._lock_fd is not None:
             yield
             return
-        fd = self._take_lock()
+        # flock is per open file: threads of this store share one, or they would
+        # refuse each other; a mutex only around the count keeps lock order simple
+        with self._pass_mutex:
+            if not self._passes:
+                self._pass_fd = self._take_lock()
+            self._passes += 1
         try:
             yield
         finally:
-            os.close(fd)
+            with self._pass_mutex:
+                self._passes -= 1
+                if not self._passes:
+                    os.close(self._pass_fd)
 
     def _clear_tmp(self, *, owner: bool) -> int:
         """Remove staged files a crash left behind; none of them were committed.
