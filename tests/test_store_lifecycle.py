@@ -14,16 +14,16 @@ from typing import Any
 
 import pytest
 
-import assetd.store
 from assetd import errors
-from assetd.store import Store
+from assetd.store import Store, eviction, facade, lock, quarantine, recovery
+from assetd.store.blobs import _fingerprint
 from tests.support.cache import commit_bytes
 
 FAR = 1e12  # a pin that never runs out during a test
 
 
 class Clock:
-    """Stands in for the ``time`` module inside assetd.store, so LRU order is exact."""
+    """Stands in for the ``time`` module inside the assetd.store modules, so LRU order is exact."""
 
     def __init__(self, now: float = 1000.0) -> None:
         self.now = now
@@ -58,7 +58,8 @@ def store(root: Path) -> Iterator[Store]:
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     """A controllable clock for access times and pins."""
     fake = Clock()
-    monkeypatch.setattr(assetd.store, "time", fake)
+    for module in (lock, quarantine, recovery, eviction, facade):  # every one that reads time
+        monkeypatch.setattr(module, "time", fake)
     return fake
 
 
@@ -649,7 +650,7 @@ def test_verify_catches_rewrite_that_keeps_fingerprint_fields(store: Store) -> N
     bad, path = _commit(store, _data(4), key="b")
     _tamper(path)
     # a blob row matching the tampered file: only the hash can tell
-    store._set(("blob", bad.sha256), assetd.store._fingerprint(os.stat(path)))
+    store._set(("blob", bad.sha256), _fingerprint(os.stat(path)))
     assert store.lookup("bucket", "b", None) is not None
     report = store.verify()
     assert [bad.sha256] == report.mismatched
