@@ -217,3 +217,32 @@ def test_disk_full_flush_uses_the_headroom(owner: Store, root: Path) -> None:
     assert 1 == owner.flush()
     assert FAR == index.inner.get(("obj", "bucket", "k", f"e:{entry.etag}"))["pinned_until"]
     assert (root / "headroom").exists()  # made again once the write went through
+
+
+def test_failed_commit_of_an_existing_row_keeps_its_pin(owner: Store, root: Path) -> None:
+    """A refetch whose index write fails leaves the entry and its unflushed pin as they were."""
+    entry, _ = commit_bytes(owner, b"data", pinned_until=0.0)
+    assert FAR == owner.touch("bucket", "k", entry, pinned_until=FAR)  # in memory, not flushed
+    index = _FailingIndex(owner.index)
+    owner.index = index  # type: ignore[assignment]
+    index.error = sqlite3.OperationalError("disk I/O error")
+    with pytest.raises(errors.InternalError):
+        commit_bytes(owner, b"data", pinned_until=0.0)  # the same key and ETag, fetched again
+    index.error = None
+    assert 1 == owner.flush()
+    assert FAR == index.inner.get(("obj", "bucket", "k", f"e:{entry.etag}"))["pinned_until"]
+    hit = owner.lookup("bucket", "k", None)
+    assert hit is not None
+    assert (entry.sha256, FAR) == (hit.entry.sha256, hit.pinned_until)
+
+
+def test_sweep_keeps_a_fresh_temp_file_of_this_process(owner: Store, root: Path) -> None:
+    """A download's temp file made a moment before it is registered survives housekeeping."""
+    fresh = root / "tmp" / f"blob-{os.getpid()}-unregistered.part"
+    fresh.write_bytes(b"partial")
+    old = root / "tmp" / f"blob-{os.getpid()}-leftover.part"
+    old.write_bytes(b"partial")
+    past = time.time() - 3600
+    os.utime(old, (past, past))
+    owner.sweep_tmp()
+    assert (True, False) == (fresh.exists(), old.exists())

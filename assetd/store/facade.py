@@ -14,7 +14,7 @@ import diskcache
 
 from assetd.store.blobs import StagedBlob, _disk_error, _fingerprint
 from assetd.store.eviction import Eviction
-from assetd.store.index import Entry, _index_error
+from assetd.store.index import _MISSING, Entry, _index_error
 
 
 @dataclass(frozen=True, slots=True)
@@ -294,24 +294,28 @@ class Store(Eviction):
             had_blob = self._blob_ok(sha256)
             new_entry = self._get(obj_key) is None
             fingerprint = self._publish(staged, sha256, path, exists=had_blob)
+            keys = (("blob", sha256), obj_key, ("cur", bucket, key), ("dig", bucket, key, sha256))
+            before = [(k, self._rows.get(k, _MISSING), k in self._dirty) for k in keys]
+            old_pin = self._pins.pop(obj_key, None)
             try:
                 with self.index.transact():
                     self._set(("blob", sha256), fingerprint)
-                    self._pins.pop(obj_key, None)
                     self._set(obj_key, entry)
                     if not requested_version:  # a pinned version never moves what others see
                         self._set(("cur", bucket, key), (tag, now))
                     self._set(("dig", bucket, key, sha256), (tag,))
             except (sqlite3.Error, OSError) as exc:
-                # the memory rows went in with the failed transaction: take them back out
-                for k in (
-                    ("blob", sha256),
-                    obj_key,
-                    ("cur", bucket, key),
-                    ("dig", bucket, key, sha256),
-                ):
-                    self._rows.pop(k, None)
-                    self._dirty.discard(k)
+                # the memory rows went in with the failed transaction: put back what was
+                # there, the pin a sandbox may rely on included
+                for k, value, dirty in before:
+                    if value is _MISSING:
+                        self._rows.pop(k, None)
+                    else:
+                        self._rows[k] = value
+                    if not dirty:
+                        self._dirty.discard(k)
+                if old_pin is not None:
+                    self._pins[obj_key] = old_pin
                 raise _index_error(exc, "write index row") from exc
             replaced = int(old_fp[0]) if old_fp is not None and not had_blob else 0
             self._adjust(entries=int(new_entry), size=0 if had_blob else size - replaced)

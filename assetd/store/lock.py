@@ -119,8 +119,8 @@ class Ownership(BlobFiles):
     def _clear_tmp(self, *, owner: bool) -> int:
         """Remove staged files a crash left behind; none of them were committed.
 
-        Kept: this store's own downloads in progress; files of another live
-        process written to within ``TEMP_GRACE_S`` (a pid can be reused, so
+        Kept: this store's own downloads in progress; files of this or another
+        live process written to within ``TEMP_GRACE_S`` (a pid can be reused, so
         an old file of a "live" pid is a leftover too); and, unless we own
         the cache, files named with our own pid (another store in this
         process may be writing them).
@@ -133,7 +133,8 @@ class Ownership(BlobFiles):
             pid = _pid_of_temp(child.name)
             if pid == me and not owner:
                 continue
-            if pid is not None and pid != me and _alive(pid):
+            # our own files too: a download's file exists a moment before it is registered
+            if pid is not None and (pid == me or _alive(pid)):
                 with contextlib.suppress(FileNotFoundError):
                     if now - child.lstat().st_mtime < TEMP_GRACE_S:
                         continue

@@ -119,15 +119,16 @@ class Recovery(Quarantine):
             for path in sorted(sub.iterdir()) if sub.is_dir() else ():
                 if stop is not None and stop.is_set():
                     raise Unavailable("verify stopped: assetd is shutting down; run it again")
-                sha = hashlib.sha256()
+                sha, size = hashlib.sha256(), 0
                 try:
                     with open(path, "rb") as f:
                         while chunk := f.read(1 << 20):
                             sha.update(chunk)
+                            size += len(chunk)
                 except FileNotFoundError:
                     continue  # evicted while we looked
                 report.checked += 1
-                report.bytes += path.stat().st_size if path.exists() else 0
+                report.bytes += size  # no stat after: an eviction meanwhile is no error
                 if sha.hexdigest() != path.name:
                     report.mismatched.append(path.name)
                     if not self.quarantine(path.name, reason="content does not match its name"):
