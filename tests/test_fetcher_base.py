@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import itertools
+import math
 import random
 import threading
 import time
@@ -16,7 +17,7 @@ from typing import Any
 import pytest
 
 from assetd import errors
-from assetd.fetcher.base import CHUNK, ObjectMeta, PartResponse, RetryPolicy
+from assetd.fetcher.base import CHUNK, MAX_PART, ObjectMeta, PartResponse, RetryPolicy
 from assetd.fetcher.memory import MemoryFetcher
 
 MD5_HEX = "9b2cf535f27731c974343645a3985328"
@@ -187,12 +188,23 @@ def test_plan_has_at_least_as_many_parts_as_connections() -> None:
 def test_downloads_stay_a_bounded_distance_ahead_of_the_hasher() -> None:
     """With a slow hasher, no part is written further than the bound past the hashed offset."""
     f = MemoryFetcher(part_size=1 << 20, max_concurrency=2)
+    f.max_part = 1 << 20  # many parts, as in an object far over 2 x concurrency x MAX_PART
     data = _blob(24 << 20)
     f.put("bucket", "big", data)
     sink = ListSink(read_delay=0.005)
     f.fetch("bucket", "big", None, sink, max_bytes=1 << 30, deadline=_deadline())
     assert data == bytes(sink.buf)
     assert sink.max_lead <= (2 * 2 * 1 + 1) << 20  # 2 x concurrency x part size, + a part
+
+
+def test_plan_of_a_large_object_has_two_parts_a_connection() -> None:
+    """A large object's rest is split in about two parts a connection, at most MAX_PART each."""
+    f = MemoryFetcher(part_size=4 << 20, max_concurrency=10)
+    sizes = {p.end - p.start for p in f._plan(256 << 20, 4 << 20)[1:]}
+    assert 20 == len(f._plan(256 << 20, 4 << 20)) - 1
+    assert max(sizes) <= math.ceil((252 << 20) / 20)
+    huge = f._plan(8 << 30, 4 << 20)[1:]
+    assert (128, True) == (len(huge), max(p.end - p.start for p in huge) <= MAX_PART)
 
 
 class FailingParts(MemoryFetcher):

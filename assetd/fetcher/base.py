@@ -68,6 +68,11 @@ _PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 CHUNK = 1 << 20
 _FLUSH_AT = 256 << 10  # a part's bytes are written once this many have arrived
 MIN_PART = 1 << 20  # parts of the rest of an object are never split below this
+# A large object's rest is split into about this many parts per connection:
+# bigger parts cost fewer request round trips (measured: WAN 1 GiB 0.96 -> 0.87x
+# boto3), two per connection still even out a slow connection's tail.
+PARTS_PER_CONNECTION = 2
+MAX_PART = 64 << 20  # and no bigger, which bounds the read-ahead (two rounds of parts)
 # S3's full-object checksum algorithms, by the suffix of their x-amz-checksum-* header.
 CHECKSUM_ALGORITHMS = ("crc32", "crc32c", "crc64nvme", "sha1", "sha256")
 T = TypeVar("T")
@@ -303,6 +308,8 @@ class _Job:
 class Fetcher(ABC):
     """First GET, parallel ranged GETs pinned to it, verified, with bounded retries."""
 
+    max_part = MAX_PART  # the largest part the plan makes of a large object's rest
+
     def __init__(
         self,
         retry: RetryPolicy | None = None,
@@ -507,8 +514,10 @@ class Fetcher(ABC):
         rest = size - parts[0].end
         if rest <= 0:
             return parts
+        share = math.ceil(rest / (PARTS_PER_CONNECTION * self.max_concurrency))
+        part = max(self.part_size, min(self.max_part, share))
         count = max(
-            math.ceil(rest / self.part_size),
+            math.ceil(rest / part),
             min(self.max_concurrency, math.ceil(rest / MIN_PART)),
         )
         step = math.ceil(rest / count)
@@ -548,9 +557,10 @@ class Fetcher(ABC):
         if job.error is not None:
             raise job.error
 
-    def _ahead(self) -> int:
-        """How far downloads may run past the hashed offset."""
-        return 2 * self.max_concurrency * self.part_size
+    def _ahead(self, job: _Job) -> int:
+        """How far downloads may run past the hashed offset: two rounds of parts."""
+        step = job.parts[1].end - job.parts[1].start if len(job.parts) > 1 else 0
+        return 2 * self.max_concurrency * max(self.part_size, step)
 
     def _part_worker(self, job: _Job, sink: BlobSink, first: PartResponse | None) -> None:
         try:
@@ -561,7 +571,7 @@ class Fetcher(ABC):
                     while (
                         job.error is None
                         and job.next_part < len(job.parts)
-                        and job.parts[job.next_part].start >= job.hashed + self._ahead()
+                        and job.parts[job.next_part].start >= job.hashed + self._ahead(job)
                     ):
                         job.cond.wait(0.5)
                         if time.monotonic() >= job.deadline or self.stopping.is_set():
