@@ -14,36 +14,12 @@ from typing import Any
 import pytest
 
 from tests.hostile.conftest import BUCKET, Factory
-from tests.support.daemon import DaemonProcess
+from tests.support.daemon import OTHER_UID_PYTHON, DaemonProcess, ping_as_nobody
 from tests.support.seaweedfs import clean_env
 
 pytestmark = pytest.mark.integration
-# The venv's interpreter lives under /root (mode 0700): another uid runs the system one.
-OTHER_UID_PYTHON = "/usr/bin/python3"
 GRADERS_GID = 4242  # a gid no account has: only the test's clients carry it
 OTHER_GID = 4343
-
-
-def _ping_with_groups(socket_path: str, groups: list[int]) -> dict[str, Any]:
-    """One ping from uid/gid 65534 (nobody) carrying ``groups`` as supplementary groups."""
-    client = (
-        "import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-        's.sendall(b\'{"op":"ping","id":9}\\n\'); print(s.makefile().readline())'
-    )
-    proc = subprocess.run(
-        [OTHER_UID_PYTHON, "-c", client, socket_path],
-        user=65534,
-        group=65534,
-        extra_groups=groups,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-        check=False,
-    )
-    assert 0 == proc.returncode, proc.stderr
-    answer: dict[str, Any] = json.loads(proc.stdout)
-    return answer
 
 
 def test_supplementary_group_client_admitted_and_other_refused(make_daemon: Factory) -> None:
@@ -51,8 +27,8 @@ def test_supplementary_group_client_admitted_and_other_refused(make_daemon: Fact
     d = make_daemon(
         daemon={"allowed_uids": [0], "allowed_gids": [GRADERS_GID], "socket_mode": "0666"}
     )
-    admitted = _ping_with_groups(d.socket_path, [OTHER_GID, GRADERS_GID])
-    refused = _ping_with_groups(d.socket_path, [OTHER_GID])
+    admitted = ping_as_nobody(d.socket_path, (OTHER_GID, GRADERS_GID))
+    refused = ping_as_nobody(d.socket_path, (OTHER_GID,))
     assert (9, True) == (admitted["id"], admitted["ok"])
     assert (9, False, "forbidden") == (refused["id"], refused["ok"], refused["error"]["code"])
 

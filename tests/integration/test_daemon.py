@@ -7,7 +7,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -19,13 +18,12 @@ from typing import Any
 import pytest
 
 from assetd import AssetdClient, errors
-from tests.support.daemon import DaemonProcess, socket_dir, write_config
+from tests.support.daemon import DaemonProcess, ping_as_nobody, socket_dir, write_config
 from tests.support.faultproxy import FaultProxy
 from tests.support.seaweedfs import (
     SCOPED_BUCKET,
     SCOPED_KEY,
     SeaweedFS,
-    clean_env,
     ensure_bucket,
 )
 
@@ -54,8 +52,6 @@ def short_tmp() -> Iterator[Path]:
 
 
 Factory = Callable[..., DaemonProcess]
-# The venv's interpreter lives under /root (mode 0700): another uid runs the system one.
-OTHER_UID_PYTHON = "/usr/bin/python3"
 
 
 @pytest.fixture
@@ -352,31 +348,10 @@ def test_64_concurrent_resolves_one_get(
 # --- peers, signals, systemd --------------------------------------------------------
 
 
-def _ping_as_nobody(socket_path: str) -> dict[str, Any]:
-    """Send one ping from a process running as uid/gid 65534 (nobody)."""
-    client = (
-        "import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
-        's.sendall(b\'{"op":"ping","id":9}\\n\'); print(s.makefile().readline())'
-    )
-    proc = subprocess.run(
-        [OTHER_UID_PYTHON, "-c", client, socket_path],
-        user=65534,
-        group=65534,
-        capture_output=True,
-        text=True,
-        timeout=30,
-        env=clean_env(),
-        check=False,
-    )
-    assert 0 == proc.returncode, proc.stderr
-    answer: dict[str, Any] = json.loads(proc.stdout)
-    return answer
-
-
 def test_peer_outside_allowed_uids_is_forbidden(make_daemon: Factory) -> None:
     """A client running as another uid (nobody) gets forbidden; root is admitted."""
     d = make_daemon(daemon={"allowed_uids": [0], "socket_mode": "0666"})
-    answer = _ping_as_nobody(d.socket_path)
+    answer = ping_as_nobody(d.socket_path)
     assert (9, False, "forbidden") == (answer["id"], answer["ok"], answer["error"]["code"])
     assert d.request({"op": "ping"})["ok"]
 
@@ -384,7 +359,7 @@ def test_peer_outside_allowed_uids_is_forbidden(make_daemon: Factory) -> None:
 def test_allowed_gid_admits_peer(make_daemon: Factory) -> None:
     """A peer whose gid is in allowed_gids is admitted even if its uid is not listed."""
     d = make_daemon(daemon={"allowed_uids": [0], "allowed_gids": [65534], "socket_mode": "0666"})
-    assert (9, True) == tuple(_ping_as_nobody(d.socket_path)[k] for k in ("id", "ok"))
+    assert (9, True) == tuple(ping_as_nobody(d.socket_path)[k] for k in ("id", "ok"))
 
 
 def _blobs_are_whole(cache: Path) -> bool:

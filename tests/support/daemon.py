@@ -122,3 +122,29 @@ def socket_dir(base: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     path.chmod(0o755)
     return path
+
+
+# The venv's interpreter lives under /root (mode 0700): another uid runs the system one.
+OTHER_UID_PYTHON = "/usr/bin/python3"
+
+
+def ping_as_nobody(socket_path: str, groups: tuple[int, ...] = ()) -> dict[str, Any]:
+    """One ping from uid/gid 65534 (nobody), with ``groups`` as supplementary groups."""
+    client = (
+        "import json,socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); "
+        's.sendall(b\'{"op":"ping","id":9}\\n\'); print(s.makefile().readline())'
+    )
+    proc = subprocess.run(
+        [OTHER_UID_PYTHON, "-c", client, socket_path],
+        user=65534,
+        group=65534,
+        extra_groups=list(groups),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+        check=False,
+    )
+    assert 0 == proc.returncode, proc.stderr
+    answer: dict[str, Any] = json.loads(proc.stdout)
+    return answer
