@@ -17,7 +17,14 @@ from typing import Any
 import pytest
 
 from assetd import errors
-from assetd.fetcher.base import CHUNK, MAX_PART, ObjectMeta, PartResponse, RetryPolicy
+from assetd.fetcher.base import (
+    CHUNK,
+    FAST_LINK_CONNECTIONS,
+    MAX_PART,
+    ObjectMeta,
+    PartResponse,
+    RetryPolicy,
+)
 from assetd.fetcher.memory import MemoryFetcher
 
 MD5_HEX = "9b2cf535f27731c974343645a3985328"
@@ -172,7 +179,7 @@ def test_fetch_in_parts_is_byte_exact(n: int, part: int, conc: int) -> None:
     sink, fetched = _fetch(f, "big")
     assert data == bytes(sink.buf)
     assert hashlib.sha256(data).hexdigest() == fetched.sha256
-    assert f.requests["get"] >= -(-n // part)
+    assert f.requests["get"] > 1
 
 
 def test_plan_has_at_least_as_many_parts_as_connections() -> None:
@@ -195,6 +202,36 @@ def test_downloads_stay_a_bounded_distance_ahead_of_the_hasher() -> None:
     f.fetch("bucket", "big", None, sink, max_bytes=1 << 30, deadline=_deadline())
     assert data == bytes(sink.buf)
     assert sink.max_lead <= (2 * 2 * 1 + 1) << 20  # 2 x concurrency x part size, + a part
+
+
+def test_fast_first_response_gets_few_connections() -> None:
+    """When the first response alone is fast, the rest runs on two connections, not ten."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=10, rate_bps=2e9)
+    f.probe_window_s = 1.0  # 1 MiB within a second is fast, however loaded the machine
+    data = _blob(24 << 20)
+    f.put("bucket", "big", data)
+    sink, _ = _fetch(f, "big")
+    assert data == bytes(sink.buf)
+    assert FAST_LINK_CONNECTIONS == f.peak_open_responses
+
+
+def test_capped_first_response_gets_every_connection() -> None:
+    """When the first response is slow (a capped connection), the rest uses max_concurrency."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=4, rate_bps=100e6)
+    data = _blob(8 << 20)
+    f.put("bucket", "big", data)
+    sink, _ = _fetch(f, "big")
+    assert data == bytes(sink.buf)
+    assert 4 == f.peak_open_responses
+
+
+def test_plan_follows_the_connections_chosen() -> None:
+    """Two connections split a large object's rest in four parts; ten in twenty."""
+    f = MemoryFetcher(part_size=4 << 20, max_concurrency=10)
+    assert (4, 20) == (
+        len(f._plan(256 << 20, 4 << 20, 2)) - 1,
+        len(f._plan(256 << 20, 4 << 20, 10)) - 1,
+    )
 
 
 def test_plan_of_a_large_object_has_two_parts_a_connection() -> None:

@@ -231,6 +231,7 @@ def test_fetch_large_object_in_parts(s3: Any, fault_proxy: FaultProxy, store: St
     """An object of several parts is fetched as ranged GETs and hashes as hashlib does."""
     want = _put(s3, "big.bin", os.urandom(9 << 20 | 12345))
     fetcher = _fetcher(fault_proxy, part_size=1 << 20, max_concurrency=4)
+    fetcher.fast_link_connections = 4  # every connection, however fast the first response
     assert want == _fetch(fetcher, store, "big.bin")
     assert {"GET": 1 + 8} == dict(fault_proxy.counts)  # the first, then two parts a connection
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import threading
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -36,21 +38,29 @@ class _Faults:
 
 
 class _MemoryPart:
-    def __init__(self, meta: ObjectMeta, data: bytes, start: int, end: int) -> None:
+    def __init__(
+        self, fetcher: MemoryFetcher, meta: ObjectMeta, data: bytes, start: int, end: int
+    ) -> None:
         self.meta, self.start, self.end = meta, start, end
         self._view = memoryview(data)[start:end]
+        self._fetcher: MemoryFetcher | None = fetcher
+        fetcher._opened(+1)
 
     def readinto(self, buf: memoryview) -> int:
-        n = min(len(buf), len(self._view))
+        n = min(len(buf), len(self._view), 64 << 10)
         buf[:n] = self._view[:n]
         self._view = self._view[n:]
+        if self._fetcher is not None and self._fetcher.rate_bps:
+            time.sleep(n / self._fetcher.rate_bps)  # one connection's cap
         return n
 
     def set_deadline(self, deadline: float) -> None:
         return None
 
     def close(self) -> None:
-        return None
+        if self._fetcher is not None:
+            self._fetcher._opened(-1)
+            self._fetcher = None
 
 
 class MemoryFetcher(Fetcher):
@@ -62,6 +72,7 @@ class MemoryFetcher(Fetcher):
         *,
         part_size: int = 4 << 20,
         max_concurrency: int = 4,
+        rate_bps: float | None = None,
     ) -> None:
         super().__init__(
             retry or RetryPolicy(base_delay_s=0.0, max_delay_s=0.0),
@@ -72,6 +83,14 @@ class MemoryFetcher(Fetcher):
         self.versions: dict[tuple[str, str, str], StoredObject] = {}
         self.faults = _Faults()
         self._seq = 0
+        self.rate_bps = rate_bps  # bytes/s per response, like a capped connection
+        self.open_responses = self.peak_open_responses = 0
+        self._open_lock = threading.Lock()
+
+    def _opened(self, delta: int) -> None:
+        with self._open_lock:
+            self.open_responses += delta
+            self.peak_open_responses = max(self.peak_open_responses, self.open_responses)
 
     def put(
         self, bucket: str, key: str, data: bytes, *, versioned: bool = False, checksum: bool = False
@@ -154,4 +173,4 @@ class MemoryFetcher(Fetcher):
         stop = size if end is None else min(end, size)
         # like S3, a range answer carries no full-object checksum
         meta = self._meta(bucket, key, obj, whole=start == 0 and stop == size and end is None)
-        return _MemoryPart(meta, obj.data, start, stop)
+        return _MemoryPart(self, meta, obj.data, start, stop)

@@ -119,6 +119,33 @@ def test_large_object_through_the_wan_is_byte_exact(
     assert len({r.headers["if-match"] for r in seen[1:] if "if-match" in r.headers}) <= 1
 
 
+def test_capped_connections_get_every_connection(
+    wan: tuple[ShapingProxy, AssetService],
+) -> None:
+    """Through 40 MB/s connections the first response is slow: the rest uses all ten."""
+    proxy, service = wan
+    service.resolve(f"s3://{BUCKET}/large.bin")
+    conns = {r.conn for r in proxy.requests if "/large.bin" in r.path and r.method == "GET"}
+    assert 10 == len(conns)
+
+
+def test_fast_first_response_keeps_to_two_connections(
+    seaweedfs: SeaweedFS, s3: Any, tmp_path: Path
+) -> None:
+    """Unshaped, the first response is fast: the rest runs on two connections, in four parts."""
+    with ShapingProxy(("127.0.0.1", seaweedfs.ports["s3"]), PROFILES["loopback"]) as proxy:
+        service = _service(proxy.url, tmp_path / "cache")
+        # 1 MiB within a second counts as fast, however loaded the test machine is
+        service.fetcher.probe_window_s = 1.0
+        try:
+            got = service.resolve(f"s3://{BUCKET}/large.bin")
+        finally:
+            service.close()
+    assert LARGE == got.path.read_bytes()
+    gets = [r for r in proxy.requests if "/large.bin" in r.path and r.method == "GET"]
+    assert (1 + 4, 2) == (len(gets), len({r.conn for r in gets}))
+
+
 def test_connections_closed_by_the_server_after_idle_are_replaced(
     seaweedfs: SeaweedFS, s3: Any, tmp_path: Path
 ) -> None:
