@@ -1,15 +1,21 @@
 """Cold fetch through a shaped network: assetd's verified miss vs boto3, s5cmd and CRT.
 
-Runs on SeaweedFS (never moto), behind ``tests/support/shapeproxy.py``, which
-adds latency each way, caps every TCP connection's bandwidth and charges a
-round trip per new connection. Profiles (``--profile``, comma-separated):
+Runs on SeaweedFS (never moto). Profiles (``--profile``, comma-separated):
 
-- ``loopback``: the proxy with no shaping (so every tool pays the same relay);
+- ``loopback``: straight to SeaweedFS on 127.0.0.1, nothing between;
+- ``relay``: through the proxy below with no shaping (its relay's own cost);
 - ``wan``: 10 ms each way, 40 MB/s per connection;
 - ``far``: 40 ms each way, 80 MB/s per connection.
 
+The shaped profiles go through ``tests/support/shapeproxy.py``, which adds
+latency each way, caps every TCP connection's bandwidth and charges a round
+trip per new connection. It runs in a process of its own: in this one its
+relay threads would take the GIL from the Python tools under test.
+
 For each object size, after one warm-up round, ``--repeats`` rounds each
-time every tool once, in turn (interleaved, so machine noise hits all alike):
+time every tool once, in turn (interleaved, so machine noise hits all alike).
+Removing the previous run's output (assetd's blob, the peers' file) happens
+before the clock starts, for every tool alike:
 
 - assetd: ``AssetService.resolve`` into an empty cache: every request, the
   hashing (SHA-256, MD5 where the ETag is one), fsync, rename, index commit;
@@ -21,14 +27,16 @@ time every tool once, in turn (interleaved, so machine noise hits all alike):
   builds, wired to the endpoint (boto3's own factory ignores ``endpoint_url``).
 
 Also reported: requests per assetd cold fetch and per unchanged revalidation
-(counted at the proxy), the proxy's own overhead (boto3 through an unshaped
-proxy vs direct), and peak RSS growth of a fresh process during one assetd
-fetch of the largest size. Prints one JSON line.
+(counted at the proxy; on loopback, by assetd's own counters), the proxy's
+own overhead (boto3 through an unshaped proxy vs direct), and peak RSS
+growth of a fresh process during one assetd fetch of the largest size.
+Prints one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -39,7 +47,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -55,14 +63,16 @@ from assetd.fetcher.s3 import S3Fetcher
 from assetd.service import AssetService
 from assetd.store import Store
 from tests.support.seaweedfs import ADMIN_KEY, SeaweedFS, clean_env
-from tests.support.shapeproxy import PROFILES, Shape, ShapingProxy
+from tests.support.shapeproxy import PROFILES, Shape, ShapingProxyProcess
 
 BUCKET = "bench-assets"
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 SIZES = {"1KiB": KIB, "1MiB": MIB, "16MiB": 16 * MIB, "256MiB": 256 * MIB, "1GiB": GIB}
 MULTIPART_MIN = 16 * MIB  # from here, uploaded multipart as operators do: -N ETag
 PEERS = ("assetd", "boto3", "s5cmd", "crt")
-Timer = Callable[[], object]
+PROFILES = {"relay": Shape(connect_rtt=False), **PROFILES}  # loopback itself: no proxy
+Step = Callable[[], object]
+Timer = tuple[Step, Step]  # (untimed setup, timed run)
 
 
 def _key(label: str) -> str:
@@ -162,18 +172,24 @@ def crt_available() -> str | None:
     return None
 
 
-def _time(fn: Timer) -> float:
+def _time(timer: Timer) -> float:
+    setup, run = timer
+    setup()
     started = time.perf_counter()
-    fn()
+    run()
     return time.perf_counter() - started
+
+
+def _removing(path: Path) -> Step:
+    return lambda: path.unlink(missing_ok=True)
 
 
 def interleaved(timers: dict[str, Timer], repeats: int) -> dict[str, float]:
     """Median seconds per timer: one warm-up round, then ``repeats`` rounds in turn."""
     samples: dict[str, list[float]] = {name: [] for name in timers}
     for round_ in range(repeats + 1):
-        for name, fn in timers.items():
-            took = _time(fn)
+        for name, timer in timers.items():
+            took = _time(timer)
             if round_:
                 samples[name].append(took)
     return {name: statistics.median(times) for name, times in samples.items()}
@@ -202,7 +218,9 @@ def s5cmd_timer(endpoint: str, key: str, dest: Path) -> Timer:
         f"s3://{BUCKET}/{key}",
         str(dest),
     ]
-    return lambda: subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL)
+    return _removing(dest), lambda: subprocess.run(
+        argv, env=env, check=True, stdout=subprocess.DEVNULL
+    )
 
 
 def proxy_overhead(weed: SeaweedFS, work: Path, labels: list[str], repeats: int) -> dict[str, Any]:
@@ -210,14 +228,20 @@ def proxy_overhead(weed: SeaweedFS, work: Path, labels: list[str], repeats: int)
     out: dict[str, Any] = {}
     dest = work / "overhead.bin"
     direct = boto3_client(weed.endpoint_url)
-    with ShapingProxy(("127.0.0.1", weed.ports["s3"]), Shape(connect_rtt=False)) as proxy:
+    with ShapingProxyProcess(("127.0.0.1", weed.ports["s3"]), PROFILES["relay"]) as proxy:
         proxied = boto3_client(proxy.url)
         for label in labels:
             key = _key(label)
             got = interleaved(
                 {
-                    "direct": lambda k=key: direct.download_file(BUCKET, k, str(dest)),
-                    "proxied": lambda k=key: proxied.download_file(BUCKET, k, str(dest)),
+                    "direct": (
+                        _removing(dest),
+                        lambda k=key: direct.download_file(BUCKET, k, str(dest)),
+                    ),
+                    "proxied": (
+                        _removing(dest),
+                        lambda k=key: proxied.download_file(BUCKET, k, str(dest)),
+                    ),
                 },
                 repeats,
             )
@@ -230,36 +254,58 @@ def proxy_overhead(weed: SeaweedFS, work: Path, labels: list[str], repeats: int)
     return out
 
 
+@contextlib.contextmanager
+def network(weed: SeaweedFS, profile: str) -> Iterator[ShapingProxyProcess | None]:
+    """The proxy a profile goes through (in a process of its own), or None for loopback."""
+    if profile == "loopback":
+        yield None
+        return
+    with ShapingProxyProcess(("127.0.0.1", weed.ports["s3"]), PROFILES[profile]) as proxy:
+        yield proxy
+
+
 def measure_profile(
-    weed: SeaweedFS, work: Path, shape: Shape, *, labels: list[str], repeats: int, peers: list[str]
+    weed: SeaweedFS, work: Path, profile: str, *, labels: list[str], repeats: int, peers: list[str]
 ) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    with ShapingProxy(("127.0.0.1", weed.ports["s3"]), shape) as proxy:
-        ours = Assetd(proxy.url, work)
-        client = boto3_client(proxy.url)
-        crt = Crt(proxy.url) if "crt" in peers else None
+    with network(weed, profile) as proxy:
+        endpoint = weed.endpoint_url if proxy is None else proxy.url
+        ours = Assetd(endpoint, work)
+        client = boto3_client(endpoint)
+        crt = Crt(endpoint) if "crt" in peers else None
         dest = work / "peer.bin"
+
+        def methods(key: str) -> dict[str, int]:
+            """Requests so far: at the proxy for this key, else assetd's own (one key at a time)."""
+            if proxy is not None:
+                return dict(proxy.methods(key))
+            return {m.upper(): n for m, n in ours.fetcher.requests.items()}
+
+        def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+            return {m: n - before.get(m, 0) for m, n in after.items() if n - before.get(m, 0)}
+
         try:
             for label in labels:
                 key = _key(label)
                 requests: list[dict[str, int]] = []
 
                 def assetd_once(k: str = key, seen: list[dict[str, int]] = requests) -> None:
-                    ours.fresh()
-                    before = dict(proxy.methods(k))
+                    before = methods(k)
                     ours.resolve(k)
-                    after = proxy.methods(k)
-                    seen.append({m: n - before.get(m, 0) for m, n in after.items()})
+                    seen.append(delta(before, methods(k)))
 
                 timers: dict[str, Timer] = {}
                 if "assetd" in peers:
-                    timers["assetd"] = assetd_once
+                    timers["assetd"] = (ours.fresh, assetd_once)
                 if "boto3" in peers:
-                    timers["boto3"] = lambda k=key: client.download_file(BUCKET, k, str(dest))
+                    timers["boto3"] = (
+                        _removing(dest),
+                        lambda k=key: client.download_file(BUCKET, k, str(dest)),
+                    )
                 if "s5cmd" in peers:
-                    timers["s5cmd"] = s5cmd_timer(proxy.url, key, dest)
+                    timers["s5cmd"] = s5cmd_timer(endpoint, key, dest)
                 if crt is not None:
-                    timers["crt"] = lambda k=key: crt.download(k, dest)
+                    timers["crt"] = (_removing(dest), lambda k=key: crt.download(k, dest))
                 got = interleaved(timers, repeats)
                 fig: dict[str, Any] = {f"{name}_s": round(t, 4) for name, t in got.items()}
                 if "assetd" in got:
@@ -269,12 +315,9 @@ def measure_profile(
                     fig["assetd_MBps"] = round(SIZES[label] / got["assetd"] / 1e6, 1)
                     fig["requests_per_cold_fetch"] = requests[-1]
                     # unchanged revalidation (revalidate_after_s = 0): the next resolve
-                    before = dict(proxy.methods(key))
+                    before = methods(key)
                     ours.resolve(key, expect="hit")
-                    after = proxy.methods(key)
-                    fig["requests_per_revalidation"] = {
-                        m: n - before.get(m, 0) for m, n in after.items() if n - before.get(m, 0)
-                    }
+                    fig["requests_per_revalidation"] = delta(before, methods(key))
                 result[label] = fig
         finally:
             ours.close()
@@ -313,10 +356,11 @@ def rss_child(endpoint: str, key: str, cache: str) -> None:
     )
 
 
-def rss_figure(weed: SeaweedFS, work: Path, shape: Shape, label: str) -> dict[str, Any]:
-    with ShapingProxy(("127.0.0.1", weed.ports["s3"]), shape) as proxy:
+def rss_figure(weed: SeaweedFS, work: Path, profile: str, label: str) -> dict[str, Any]:
+    with network(weed, profile) as proxy:
+        endpoint = weed.endpoint_url if proxy is None else proxy.url
         child = subprocess.run(
-            [sys.executable, __file__, "--rss-child", proxy.url, _key(label), str(work / "rss")],
+            [sys.executable, __file__, "--rss-child", endpoint, _key(label), str(work / "rss")],
             env=clean_env(),
             capture_output=True,
             text=True,
@@ -372,7 +416,7 @@ def main() -> None:
         "engine": "seaweedfs",
         "repeats": args.repeats,
         "load_average": os.getloadavg()[0],
-        "profiles": {n: vars_of(PROFILES[n]) for n in profiles},
+        "profiles": {n: vars_of(PROFILES[n]) if n != "loopback" else "direct" for n in profiles},
     }
     crt_missing = crt_available() if "crt" in peers else None
     if crt_missing:
@@ -386,10 +430,10 @@ def main() -> None:
         result["proxy_overhead"] = proxy_overhead(weed, work, sorted({small, big}), args.repeats)
         for name in profiles:
             result[name] = measure_profile(
-                weed, work, PROFILES[name], labels=labels, repeats=args.repeats, peers=peers
+                weed, work, name, labels=labels, repeats=args.repeats, peers=peers
             )
         if not args.no_rss:
-            result["rss"] = rss_figure(weed, work, PROFILES[profiles[-1]], labels[-1])
+            result["rss"] = rss_figure(weed, work, profiles[-1], labels[-1])
             result["rss"]["profile"] = profiles[-1]
     result["load_average_after"] = os.getloadavg()[0]
     print(json.dumps(result))

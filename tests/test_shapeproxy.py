@@ -14,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.support.shapeproxy import Shape, ShapingProxy
+from tests.support.shapeproxy import Shape, ShapingProxy, ShapingProxyProcess
 
 SLACK = 1.5  # seconds of scheduler noise tolerated above the shaped time
 
@@ -120,3 +120,25 @@ def test_stop_closes_idle_connections_promptly(origin: int) -> None:
     with pytest.raises((http.client.HTTPException, OSError)):
         _get(conn, "/3")
     assert 0 == proxy.live_connections()
+
+
+def test_proxy_in_its_own_process_relays_shapes_and_counts(origin: int) -> None:
+    """The benchmarks' out-of-process proxy caps bandwidth, counts by path, resets and stops."""
+    rate, size = 2e6, 500_000
+    with ShapingProxyProcess(("127.0.0.1", origin), Shape(rate_bps=rate)) as proxy:
+        port = int(proxy.url.rsplit(":", 1)[1])
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        started = time.monotonic()
+        body = _get(conn, f"/{size}")
+        took = time.monotonic() - started
+        conn.request("HEAD", "/7")
+        conn.getresponse().read()
+        conn.close()
+        time.sleep(0.05)
+        assert (size, {"GET": 1, "HEAD": 1}) == (len(body), dict(proxy.methods()))
+        assert {"GET": 1} == dict(proxy.methods(f"/{size}"))
+        proxy.reset()
+        assert {} == dict(proxy.methods())
+        child = proxy._proc
+    assert size / rate * 0.85 <= took < size / rate + SLACK, took
+    assert child.returncode is not None

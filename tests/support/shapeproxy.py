@@ -15,22 +15,30 @@ and pipelining included), so tests can count GET/HEAD requests per object and
 see their headers. Bounded: at most ``max_connections`` live connections, at
 most ``QUEUE_CHUNKS`` chunks buffered per direction. Threaded; ``stop()``
 closes every socket and joins every thread.
+
+Benchmarks run it in a process of its own (``ShapingProxyProcess``): in the
+measured process its relay threads would take the GIL from the Python client
+under test, which no real network does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
-__all__ = ["PROFILES", "Request", "Shape", "ShapingProxy"]
+__all__ = ["PROFILES", "Request", "Shape", "ShapingProxy", "ShapingProxyProcess"]
 
 CHUNK = 64 * 1024
 QUEUE_CHUNKS = 64  # per direction: at most 4 MiB in flight inside the proxy
@@ -416,3 +424,90 @@ def _abort(sock: socket.socket) -> None:
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         sock.shutdown(socket.SHUT_RD)
+
+
+_REPO = str(Path(__file__).resolve().parents[2])
+
+
+def _shape_dict(shape: Shape) -> dict[str, object]:
+    return {
+        "latency_s": shape.latency_s,
+        "rate_bps": shape.rate_bps,
+        "connect_rtt": shape.connect_rtt,
+    }
+
+
+class ShapingProxyProcess:
+    """A ``ShapingProxy`` in a child process, with its request counts a line away.
+
+    The child reads commands on stdin (``methods <path>``, ``reset``) and
+    answers each with one JSON line; stdin's end stops it.
+    """
+
+    def __init__(self, upstream: tuple[str, int], shape: Shape) -> None:
+        spec = json.dumps({"upstream": list(upstream), **_shape_dict(shape)})
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.shapeproxy", spec],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=_REPO,
+        )
+        assert self._proc.stdout is not None
+        self.url = self._proc.stdout.readline().strip()
+        if not self.url.startswith("http://"):
+            self.stop()
+            raise RuntimeError(f"shaping proxy did not start: {self.url!r}")
+
+    def _ask(self, line: str) -> object:
+        assert self._proc.stdin is not None and self._proc.stdout is not None
+        self._proc.stdin.write(line + "\n")
+        self._proc.stdin.flush()
+        return json.loads(self._proc.stdout.readline())
+
+    def methods(self, path: str = "") -> Counter[str]:
+        """Requests per method whose path contains ``path``."""
+        got = self._ask(f"methods {path}")
+        assert isinstance(got, dict)
+        return Counter(got)
+
+    def reset(self) -> None:
+        self._ask("reset")
+
+    def stop(self) -> None:
+        with contextlib.suppress(OSError):
+            if self._proc.stdin is not None:
+                self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+    def __enter__(self) -> ShapingProxyProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _child(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    host, port = spec.pop("upstream")
+    with ShapingProxy((host, int(port)), Shape(**spec)) as proxy:
+        print(proxy.url, flush=True)
+        for line in sys.stdin:
+            command, _, arg = line.rstrip("\n").partition(" ")
+            if command == "methods":
+                print(json.dumps(dict(proxy.methods(arg))), flush=True)
+            elif command == "reset":
+                proxy.reset()
+                print("null", flush=True)
+            else:
+                print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
