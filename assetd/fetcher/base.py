@@ -66,7 +66,9 @@ log = get_logger("assetd.fetcher")
 
 _PLAIN_MD5_ETAG = re.compile(r'^"?([0-9a-fA-F]{32})"?$')
 CHUNK = 1 << 20
-_FLUSH_AT = 256 << 10  # a part's bytes are written once this many have arrived
+# A part's bytes are written (and the hasher woken) once a whole buffer has
+# arrived: 256 KiB writes cost loopback 256 MiB ~5 % more CPU-bound time.
+_FLUSH_AT = CHUNK
 MIN_PART = 1 << 20  # parts of the rest of an object are never split below this
 # A large object's rest is split into about this many parts per connection:
 # bigger parts cost fewer request round trips (measured: WAN 1 GiB 0.96 -> 0.87x
@@ -695,7 +697,7 @@ class Fetcher(ABC):
         *,
         inline: _Digests | None,
     ) -> None:
-        """Copy one response body to its offsets as bytes arrive, in writes of >= 256 KiB."""
+        """Copy one response body to its offsets as bytes arrive, in writes of a whole buffer."""
         filled = 0
         while True:
             n = resp.readinto(buf[filled:])
