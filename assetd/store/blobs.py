@@ -15,7 +15,7 @@ from typing import Any
 from assetd.errors import CacheFull, InternalError
 
 Fingerprint = tuple[int, int, int, int]
-_WRITEBACK_EVERY = 1 << 20
+_WRITEBACK_QUANTUM = 256 << 10
 _SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -80,9 +80,12 @@ class StagedBlob:
                 view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)) :]
         except OSError as exc:
             raise _disk_error(exc, "write temp file") from exc
-        if _sync_file_range is not None and len(data) >= _WRITEBACK_EVERY // 4:
-            # start writeback of these bytes so the final fsync has little left
-            _sync_file_range(self.fd, offset, len(data), _SYNC_FILE_RANGE_WRITE)
+        # Start writeback of every 256 KiB this write completes (with the small
+        # writes before it), so the final fsync has little left to do.
+        lo = offset // _WRITEBACK_QUANTUM * _WRITEBACK_QUANTUM
+        hi = (offset + len(data)) // _WRITEBACK_QUANTUM * _WRITEBACK_QUANTUM
+        if _sync_file_range is not None and hi > lo:
+            _sync_file_range(self.fd, lo, hi - lo, _SYNC_FILE_RANGE_WRITE)
 
     def pread(self, buf: memoryview, offset: int) -> int:
         """Read back bytes already written (from the page cache) for hashing."""
