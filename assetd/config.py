@@ -96,7 +96,10 @@ class S3Config:
     max_attempts: int = 5
     deadline_s: float = 120.0
     part_size: int = 4 << 20
-    max_concurrency: int = 10
+    # One connection per ~85 MB/s, AWS's per-request figure: 16 fill a 10 Gbit
+    # NIC. Measured on wan (40 MB/s a connection): 16 vs 10 took 256 MiB from
+    # 0.9x to 0.67x boto3 and 1 GiB from 1.0x to 0.76x.
+    max_concurrency: int = 16
 
 
 @dataclass(frozen=True, slots=True)

@@ -333,7 +333,7 @@ class Fetcher(ABC):
         retry: RetryPolicy | None = None,
         *,
         part_size: int = 4 << 20,
-        max_concurrency: int = 10,
+        max_concurrency: int = 16,
         stopping: threading.Event | None = None,
         requests: Counter[str] | None = None,
     ) -> None:

@@ -122,11 +122,11 @@ def test_large_object_through_the_wan_is_byte_exact(
 def test_capped_connections_get_every_connection(
     wan: tuple[ShapingProxy, AssetService],
 ) -> None:
-    """Through 40 MB/s connections the first response is slow: the rest uses all ten."""
+    """Through 40 MB/s connections the first response is slow: the rest uses all sixteen."""
     proxy, service = wan
     service.resolve(f"s3://{BUCKET}/large.bin")
     conns = {r.conn for r in proxy.requests if "/large.bin" in r.path and r.method == "GET"}
-    assert 10 == len(conns)
+    assert 16 == len(conns)
 
 
 def test_fast_first_response_keeps_to_two_connections(
