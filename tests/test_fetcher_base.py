@@ -529,3 +529,51 @@ def test_part_failing_for_good_stops_the_other_parts() -> None:
     with pytest.raises(errors.AccessDenied):
         _fetch(f)
     assert f.dripped < 256 << 10  # a whole part is 1 MiB
+
+
+class _Link(MemoryFetcher):
+    """Responses whose bytes arrive at ``link_bps`` from the moment they open, and wait
+    unread in a buffer meanwhile, as they do in a socket's receive buffer."""
+
+    def __init__(self, link_bps: float, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.link_bps = link_bps
+
+    def _get(self, *args: Any, **kw: Any) -> PartResponse:
+        inner = super()._get(*args, **kw)
+        link_bps = self.link_bps
+
+        class Arriving:
+            meta, start, end = inner.meta, inner.start, inner.end
+            opened, got = time.monotonic(), 0
+
+            def readinto(self, buf: memoryview) -> int:
+                left = self.end - self.start - self.got
+                if left <= 0:
+                    return 0
+                want = min(len(buf), left, 64 << 10)  # block, as recv does, for a chunk
+                due = self.opened + (self.got + want) / link_bps
+                time.sleep(max(0.0, due - time.monotonic()))
+                ready = int((time.monotonic() - self.opened) * link_bps) - self.got
+                n = inner.readinto(buf[: max(want, min(ready, len(buf), left))])
+                self.got += n
+                return n
+
+            def set_deadline(self, deadline: float) -> None:
+                return None
+
+            def close(self) -> None:
+                inner.close()
+
+        return Arriving()
+
+
+def test_bytes_buffered_while_making_room_do_not_pass_for_a_fast_link() -> None:
+    """A 20 MB/s connection whose first MiB piled up while on_meta made room is still slow."""
+    f = _Link(20e6, part_size=1 << 20, max_concurrency=4)
+    data = _blob(8 << 20)
+    f.put("bucket", "big", data)
+    # the store's reservation (its lock, an eviction) takes 100 ms; the body keeps arriving
+    sink, _ = _fetch(f, "big", on_meta=lambda meta: time.sleep(0.1))
+    assert data == bytes(sink.buf)
+    assert 4 == f.peak_open_responses
