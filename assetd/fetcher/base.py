@@ -440,6 +440,9 @@ class Fetcher(ABC):
         """
         restarts = failures = 0
         while True:
+            # when the first response's bytes began to arrive (or as early as we know):
+            # the probe counts from here, bytes buffered meanwhile do not look fast
+            arrived = time.monotonic()
             try:
                 if first is None:
                     first = self._retrying(
@@ -448,9 +451,10 @@ class Fetcher(ABC):
                         ),
                         deadline,
                     )
+                    arrived = time.monotonic()
                 else:
                     first.set_deadline(deadline)
-                return self._download(first, sink, max_bytes, deadline, on_meta)
+                return self._download(first, sink, max_bytes, deadline, on_meta, arrived)
             except ObjectChanged:
                 restarts += 1
                 if restarts > self.retry.max_restarts:
@@ -479,6 +483,7 @@ class Fetcher(ABC):
         max_bytes: int,
         deadline: float,
         on_meta: Callable[[ObjectMeta], None] | None,
+        arrived: float,
     ) -> Fetched:
         meta = first.meta
         if meta.size > max_bytes:
@@ -500,7 +505,7 @@ class Fetcher(ABC):
         if job.parts[0].end >= meta.size:
             self._fetch_part(job, sink, 0, first, inline=digests)
         else:
-            self._run_parts(job, sink, first, digests, head)
+            self._run_parts(job, sink, first, digests, head, arrived)
         if head is not None:
             meta = self._with_head(meta, head, deadline)
             late = digests.add_checksums(meta)
@@ -551,6 +556,7 @@ class Fetcher(ABC):
         first: PartResponse,
         digests: _Digests,
         head: Future[ObjectMeta] | None,
+        arrived: float,
     ) -> None:
         workers = [
             threading.Thread(
@@ -559,7 +565,7 @@ class Fetcher(ABC):
         ]
         workers[0].start()
         try:
-            connections = self._connections(job)
+            connections = self._connections(job, arrived)
             plan = self._plan(job.meta.size, job.parts[0].end, connections)
             with job.cond:
                 job.parts += plan[1:]
@@ -588,19 +594,23 @@ class Fetcher(ABC):
         if job.error is not None:
             raise job.error
 
-    def _connections(self, job: _Job) -> int:
+    def _connections(self, job: _Job, arrived: float) -> int:
         """Connections for this download: few if the first response alone is fast."""
         fast = min(self.fast_link_connections, self.max_concurrency)
         if fast == self.max_concurrency:
             return fast
         first = job.parts[0]
         probe = min(PROBE_BYTES, first.end)
-        until = time.monotonic() + self.probe_window_s
+        until = arrived + self.probe_window_s
         with job.cond:
-            while job.error is None and first.done < probe:
+            # the clock first: bytes seen after the window (buffered while on_meta
+            # made room, say) say nothing about the link
+            while job.error is None:
                 left = until - time.monotonic()
                 if left <= 0:
                     return self.max_concurrency
+                if first.done >= probe:
+                    return fast
                 job.cond.wait(left)
         return fast
 
