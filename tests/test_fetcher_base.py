@@ -577,3 +577,17 @@ def test_bytes_buffered_while_making_room_do_not_pass_for_a_fast_link() -> None:
     sink, _ = _fetch(f, "big", on_meta=lambda meta: time.sleep(0.1))
     assert data == bytes(sink.buf)
     assert 4 == f.peak_open_responses
+
+
+def test_read_ahead_follows_the_connections_the_probe_chose() -> None:
+    """Two connections (a fast first response) bound the read-ahead by two, not max_concurrency."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=10, rate_bps=2e9)
+    f.probe_window_s = 1.0
+    f.max_part = 1 << 20  # parts of 1 MiB whatever the connections, so only they set the bound
+    data = _blob(32 << 20)
+    f.put("bucket", "big", data)
+    sink = ListSink(read_delay=0.005)
+    f.fetch("bucket", "big", None, sink, max_bytes=1 << 30, deadline=_deadline())
+    assert data == bytes(sink.buf)
+    assert FAST_LINK_CONNECTIONS == f.peak_open_responses
+    assert sink.max_lead <= (2 * FAST_LINK_CONNECTIONS * 1 + 1) << 20
