@@ -544,7 +544,7 @@ class _Link(MemoryFetcher):
         link_bps = self.link_bps
 
         class Arriving:
-            meta, start, end = inner.meta, inner.start, inner.end
+            meta, start, end, arrived = inner.meta, inner.start, inner.end, inner.arrived
             opened, got = time.monotonic(), 0
 
             def readinto(self, buf: memoryview) -> int:

@@ -194,6 +194,7 @@ class PartResponse(Protocol):
     meta: ObjectMeta
     start: int
     end: int
+    arrived: float  # time.monotonic() when its headers were read: the probe counts from here
 
     def readinto(self, buf: memoryview) -> int:
         """At most ``len(buf)`` bytes as they arrive; 0 at the end of the body."""
@@ -440,9 +441,6 @@ class Fetcher(ABC):
         """
         restarts = failures = 0
         while True:
-            # when the first response's bytes began to arrive (or as early as we know):
-            # the probe counts from here, bytes buffered meanwhile do not look fast
-            arrived = time.monotonic()
             try:
                 if first is None:
                     first = self._retrying(
@@ -451,10 +449,9 @@ class Fetcher(ABC):
                         ),
                         deadline,
                     )
-                    arrived = time.monotonic()
                 else:
                     first.set_deadline(deadline)
-                return self._download(first, sink, max_bytes, deadline, on_meta, arrived)
+                return self._download(first, sink, max_bytes, deadline, on_meta)
             except ObjectChanged:
                 restarts += 1
                 if restarts > self.retry.max_restarts:
@@ -483,7 +480,6 @@ class Fetcher(ABC):
         max_bytes: int,
         deadline: float,
         on_meta: Callable[[ObjectMeta], None] | None,
-        arrived: float,
     ) -> Fetched:
         meta = first.meta
         if meta.size > max_bytes:
@@ -505,7 +501,7 @@ class Fetcher(ABC):
         if job.parts[0].end >= meta.size:
             self._fetch_part(job, sink, 0, first, inline=digests)
         else:
-            self._run_parts(job, sink, first, digests, head, arrived)
+            self._run_parts(job, sink, first, digests, head)
         if head is not None:
             meta = self._with_head(meta, head, deadline)
             late = digests.add_checksums(meta)
@@ -556,7 +552,6 @@ class Fetcher(ABC):
         first: PartResponse,
         digests: _Digests,
         head: Future[ObjectMeta] | None,
-        arrived: float,
     ) -> None:
         workers = [
             threading.Thread(
@@ -565,7 +560,7 @@ class Fetcher(ABC):
         ]
         workers[0].start()
         try:
-            connections = self._connections(job, arrived)
+            connections = self._connections(job, first.arrived)
             plan = self._plan(job.meta.size, job.parts[0].end, connections)
             with job.cond:
                 job.parts += plan[1:]

@@ -42,6 +42,7 @@ class _MemoryPart:
         self, fetcher: MemoryFetcher, meta: ObjectMeta, data: bytes, start: int, end: int
     ) -> None:
         self.meta, self.start, self.end = meta, start, end
+        self.arrived = time.monotonic()
         self._view = memoryview(data)[start:end]
         self._fetcher: MemoryFetcher | None = fetcher
         fetcher._opened(+1)

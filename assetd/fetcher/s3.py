@@ -18,6 +18,7 @@ import http.client
 import re
 import ssl
 import threading
+import time
 from collections import Counter
 from typing import Any, cast
 
@@ -208,6 +209,7 @@ class _S3Part:
     ) -> None:
         self._resp, self.meta, self.start, self.end = resp, meta, start, end
         self._read_timeout = read_timeout
+        self.arrived = time.monotonic()  # made as soon as the headers are read
 
     def readinto(self, buf: memoryview) -> int:
         try:
