@@ -591,3 +591,24 @@ def test_read_ahead_follows_the_connections_the_probe_chose() -> None:
     assert data == bytes(sink.buf)
     assert FAST_LINK_CONNECTIONS == f.peak_open_responses
     assert sink.max_lead <= (2 * FAST_LINK_CONNECTIONS * 1 + 1) << 20
+
+
+def test_a_part_thread_that_cannot_start_is_reported_not_hidden(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When no more part threads can start, that error surfaces and the started parts stop."""
+    f = MemoryFetcher(part_size=1 << 20, max_concurrency=4, rate_bps=100e6)
+    f.put("bucket", "big", _blob(8 << 20))
+    started: list[threading.Thread] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        if self.name == "assetd-part" and len(started) >= 2:
+            raise RuntimeError("can't start new thread")
+        started.append(self)
+        real_start(self)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    with pytest.raises(RuntimeError, match="can't start new thread"):
+        _fetch(f, "big")
+    assert [False, False] == [t.is_alive() for t in started]

@@ -585,7 +585,8 @@ class Fetcher(ABC):
             raise
         finally:
             for w in workers:
-                w.join()
+                if w.ident is not None:  # a thread that failed to start has nothing to join
+                    w.join()
         if job.error is not None:
             raise job.error
 
