@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from assetd.fetcher.memory import MemoryFetcher
 from tests.support.docker import Dockerd
 from tests.support.docker import missing as missing_docker
 from tests.support.faultproxy import FaultProxy
 from tests.support.seaweedfs import SeaweedFS
+from tests.support.service import Env
 
 # These machines set CA bundles and may hold real AWS settings; none of it
 # may leak into tests that talk to loopback S3.
@@ -100,3 +103,18 @@ def dockerd() -> Iterator[Dockerd]:
         yield engine
     finally:
         engine.stop()
+
+
+@pytest.fixture
+def make_env(tmp_path: Path) -> Iterator[Callable[..., Env]]:
+    """A factory for service Envs (tests/support/service.py), all closed after the test."""
+    made: list[Env] = []
+
+    def make(fetcher: MemoryFetcher | None = None, **kwargs: Any) -> Env:
+        env = Env(tmp_path / f"env{len(made)}", fetcher, **kwargs)
+        made.append(env)
+        return env
+
+    yield make
+    for env in made:
+        env.close()

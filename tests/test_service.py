@@ -10,67 +10,24 @@ import os
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from assetd import errors
-from assetd.config import Config, load_config
 from assetd.fetcher.base import PartResponse
 from assetd.fetcher.memory import MemoryFetcher, StoredObject
 from assetd.protocol import Resolved
-from assetd.service import AssetService
 from assetd.store import Hit, Store
+from tests.support.service import Env
 
 BUCKET = "autograder-assets"
 KEY = "datasets/tp2/RESTAURANTES.CSV"
 SRC = f"s3://{BUCKET}/{KEY}"
 DATA = b"id,nome,nota\n1,Cantina,4.5\n2,Bistro,3.9\n"
 WAIT = 5.0
-
-
-def _config(tmp_path: Path, **sections: dict[str, Any]) -> Config:
-    cfg = load_config(env={"ASSETD_CACHE_DIR": str(tmp_path / "cache")})
-    for name, changes in sections.items():
-        cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(getattr(cfg, name), **changes)})
-    return cfg
-
-
-class Env:
-    """A service wired to a MemoryFetcher and a Store in a temp dir."""
-
-    def __init__(
-        self,
-        tmp_path: Path,
-        fetcher: MemoryFetcher | None = None,
-        store_cls: type[Store] = Store,
-        **sections: dict[str, Any],
-    ) -> None:
-        self.config = _config(tmp_path, **sections)
-        self.fetcher = fetcher or MemoryFetcher()
-        self.store = store_cls(self.config.cache.dir)
-        self.service = AssetService(self.config, self.fetcher, self.store)
-
-    def close(self) -> None:
-        self.service.close()
-        self.store.close()
-
-
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., Env]]:
-    """A factory for Env objects, all closed after the test."""
-    made: list[Env] = []
-
-    def make(fetcher: MemoryFetcher | None = None, **kwargs: Any) -> Env:
-        env = Env(tmp_path / f"env{len(made)}", fetcher, **kwargs)
-        made.append(env)
-        return env
-
-    yield make
-    for env in made:
-        env.close()
 
 
 @pytest.fixture

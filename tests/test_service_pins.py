@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from assetd import errors
 from assetd import service as service_module
 from assetd.catalog import Catalog, CatalogEntry
-from assetd.fetcher.memory import MemoryFetcher
 from assetd.uri import S3Source
-from tests.test_service import Env
+from tests.support.service import Env
 
 BUCKET = "autograder-assets"
 KEY = "datasets/tp2/RESTAURANTES.CSV"
@@ -28,21 +25,6 @@ NEW = b"id,nombre\n1,El Fogon\n2,La Esquina\n"
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@pytest.fixture
-def make_env(tmp_path: Path) -> Iterator[Callable[..., Env]]:
-    """A factory for Env objects, all closed after the test."""
-    made: list[Env] = []
-
-    def make(fetcher: MemoryFetcher | None = None, **kwargs: Any) -> Env:
-        env = Env(tmp_path / f"env{len(made)}", fetcher, **kwargs)
-        made.append(env)
-        return env
-
-    yield make
-    for env in made:
-        env.close()
 
 
 @pytest.fixture
