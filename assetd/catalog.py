@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-import tomllib
 import unicodedata
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
+from assetd.config import read_toml
 from assetd.errors import AssetError, ConfigError, NotFound
 from assetd.pins import is_sha256
 from assetd.uri import S3Source, check_alias_name, parse_source
@@ -102,14 +102,7 @@ def _entry(name: str, table: object) -> CatalogEntry:
 def load_catalog(path: str | Path) -> Catalog:
     """Read and validate a catalog file; ConfigError (one line, naming the entry) if invalid."""
     where = str(path)
-    try:
-        raw = tomllib.loads(Path(where).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{where}: catalog file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read catalog: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+    raw = read_toml(where, "catalog")
     unknown = sorted(set(raw) - {"assets"})
     if unknown:
         raise ConfigError(f"{where}: unknown top-level key '{unknown[0]}'")

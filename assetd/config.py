@@ -324,16 +324,21 @@ def _convert(name: str, value: object, where: str) -> Any:
         raise ConfigError(f"{where}: {name}: {exc}") from None
 
 
-def _read_file(where: str) -> dict[str, object]:
-    """The file's keys as ``section.key`` -> raw value; unknown names fail."""
+def read_toml(where: str, what: str) -> dict[str, Any]:
+    """A TOML file's tables; ConfigError (one line naming the file and ``what`` it is) if not."""
     try:
-        raw = tomllib.loads(Path(where).read_text(encoding="utf-8"))
+        return tomllib.loads(Path(where).read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{where}: config file not found") from None
+        raise ConfigError(f"{where}: {what} file not found") from None
     except OSError as exc:
-        raise ConfigError(f"{where}: cannot read config: {exc.strerror}") from None
+        raise ConfigError(f"{where}: cannot read {what}: {exc.strerror}") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{where}: not valid TOML: {exc}") from None
+
+
+def _read_file(where: str) -> dict[str, object]:
+    """The file's keys as ``section.key`` -> raw value; unknown names fail."""
+    raw = read_toml(where, "config")
     found: dict[str, object] = {}
     for section, table in raw.items():
         if section not in SECTIONS:
