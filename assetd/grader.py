@@ -475,6 +475,15 @@ class PlacedAsset:
     writable: bool
 
 
+def _unreadable(asset: ResolvedAsset, exc: OSError) -> AssetError:
+    """The error for a resolved blob that cannot be read: gone or changed if so, else retry."""
+    check_assets([asset])  # raises the coded error when the blob is gone or changed
+    return Unavailable(
+        f"the cached file for '{asset.spec.target}' cannot be read; retry the job",
+        detail=f"{asset.path}: {exc}",
+    )
+
+
 def place_copies(
     assets: Iterable[ResolvedAsset], workdir: str | os.PathLike[str]
 ) -> list[PlacedAsset]:
@@ -489,11 +498,7 @@ def place_copies(
             try:
                 src = open(asset.path, "rb")  # noqa: SIM115 - closed just below
             except OSError as exc:
-                check_assets([asset])  # gone or changed: says which
-                raise Unavailable(
-                    f"the cached file for '{asset.spec.target}' cannot be read; retry the job",
-                    detail=f"{asset.path}: {exc}",
-                ) from None
+                raise _unreadable(asset, exc) from None
             with src:
                 shutil.copyfileobj(src, out, 1 << 20)
         if os.path.getsize(name) != asset.size:
@@ -677,11 +682,7 @@ class AssetdBytesProvider:
             with open(asset.path, "rb") as f:
                 data = f.read(self.max_bytes + 1)
         except OSError as exc:
-            check_assets([asset])  # gone or changed: says which
-            raise Unavailable(
-                f"the cached file for '{target}' cannot be read; retry the job",
-                detail=f"{asset.path}: {exc}",
-            ) from None
+            raise _unreadable(asset, exc) from None
         if len(data) != asset.size or (
             asset.sha256 is not None and hashlib.sha256(data).hexdigest() != asset.sha256
         ):
