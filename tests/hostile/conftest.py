@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, socket_dir, write_config
+from tests.support.daemon import DaemonFactory, DaemonProcess, socket_dir
 from tests.support.seaweedfs import SCOPED_BUCKET, SCOPED_KEY, SeaweedFS, ensure_bucket
 
 BUCKET = SCOPED_BUCKET
@@ -87,48 +87,14 @@ Factory = Callable[..., DaemonProcess]
 @pytest.fixture
 def make_daemon(seaweedfs: SeaweedFS, s3: Any, short_tmp: Path) -> Iterator[Factory]:
     """Start `assetd serve` with the suite's config plus per-test sections."""
-    started: list[DaemonProcess] = []
-
-    def make(
-        *,
-        endpoint: str | None = None,
-        daemon: dict[str, Any] | None = None,
-        s3_cfg: dict[str, Any] | None = None,
-        cache: dict[str, Any] | None = None,
-        metrics: dict[str, Any] | None = None,
-        name: str = "d",
-        start: bool = True,
-    ) -> DaemonProcess:
-        sock = str(short_tmp / f"{name}.sock")
-        sections: dict[str, dict[str, Any]] = {
-            "daemon": {"socket": sock, **(daemon or {})},
-            "cache": {"dir": str(short_tmp / f"{name}-cache"), **(cache or {})},
-            "s3": {
-                "endpoint_url": endpoint or seaweedfs.endpoint_url,
-                "region": "us-east-1",
-                "addressing_style": "path",
-                "allowed_buckets": [BUCKET],
-                "max_object_bytes": "8MiB",
-                "max_attempts": 2,
-                **(s3_cfg or {}),
-            },
-            "log": {"format": "json"},
-        }
-        if metrics:
-            sections["metrics"] = metrics
-        proc = DaemonProcess(
-            write_config(short_tmp / f"{name}.toml", sections),
-            sock,
-            short_tmp / f"{name}.log",
-            env={"AWS_ACCESS_KEY_ID": SCOPED_KEY[0], "AWS_SECRET_ACCESS_KEY": SCOPED_KEY[1]},
-            grace=2.0,
-        )
-        started.append(proc)
-        return proc.start() if start else proc
-
-    yield make
-    for proc in started:
-        proc.stop()
+    factory = DaemonFactory(
+        short_tmp,
+        seaweedfs.endpoint_url,
+        SCOPED_KEY,
+        s3={"allowed_buckets": [BUCKET], "max_object_bytes": "8MiB"},
+    )
+    yield factory
+    factory.stop()
 
 
 def hit_latencies(socket_path: str, source: str, n: int, timeout: float = 30) -> list[float]:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from assetd import AssetdClient, errors
-from tests.support.daemon import DaemonProcess, ping_as_nobody, socket_dir, write_config
+from tests.support.daemon import DaemonFactory, DaemonProcess, ping_as_nobody, socket_dir
 from tests.support.faultproxy import FaultProxy
 from tests.support.seaweedfs import (
     SCOPED_BUCKET,
@@ -56,52 +56,11 @@ Factory = Callable[..., DaemonProcess]
 
 @pytest.fixture
 def make_daemon(seaweedfs: SeaweedFS, s3: Any, short_tmp: Path) -> Iterator[Factory]:
-    started: list[DaemonProcess] = []
-
-    def make(
-        *,
-        endpoint: str | None = None,
-        daemon: dict[str, Any] | None = None,
-        s3_cfg: dict[str, Any] | None = None,
-        cache: dict[str, Any] | None = None,
-        env: dict[str, str] | None = None,
-        start: bool = True,
-        name: str = "d",
-    ) -> DaemonProcess:
-        sock = str(short_tmp / f"{name}.sock")
-        config = write_config(
-            short_tmp / f"{name}.toml",
-            {
-                "daemon": {"socket": sock, **(daemon or {})},
-                "cache": {"dir": str(short_tmp / f"{name}-cache"), **(cache or {})},
-                "s3": {
-                    "endpoint_url": endpoint or seaweedfs.endpoint_url,
-                    "region": "us-east-1",
-                    "addressing_style": "path",
-                    "max_object_bytes": "8MiB",
-                    "max_attempts": 2,
-                    **(s3_cfg or {}),
-                },
-                "log": {"format": "json"},
-            },
-        )
-        proc = DaemonProcess(
-            config,
-            sock,
-            short_tmp / f"{name}.log",
-            env={
-                "AWS_ACCESS_KEY_ID": SCOPED_KEY[0],
-                "AWS_SECRET_ACCESS_KEY": SCOPED_KEY[1],
-                **(env or {}),
-            },
-            grace=2.0,
-        )
-        started.append(proc)
-        return proc.start() if start else proc
-
-    yield make
-    for proc in started:
-        proc.stop()
+    factory = DaemonFactory(
+        short_tmp, seaweedfs.endpoint_url, SCOPED_KEY, s3={"max_object_bytes": "8MiB"}
+    )
+    yield factory
+    factory.stop()
 
 
 def _lines(sock_path: str, payload: bytes, timeout: float = 10) -> list[dict[str, Any]]:

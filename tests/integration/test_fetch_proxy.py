@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.support.daemon import DaemonProcess, socket_dir, write_config
+from tests.support.daemon import DaemonFactory, DaemonProcess, socket_dir
 from tests.support.forwardproxy import ForwardProxy
 from tests.support.seaweedfs import ADMIN_KEY, SeaweedFS, ensure_bucket
 from tests.support.shapeproxy import Shape, ShapingProxy
@@ -50,46 +50,20 @@ def short_tmp() -> Iterator[Path]:
 
 @pytest.fixture
 def make_daemon(s3: Any, short_tmp: Path) -> Iterator[Factory]:
-    started: list[DaemonProcess] = []
+    factory = DaemonFactory(short_tmp, "", ADMIN_KEY, s3={"deadline_s": 20})
 
     def make(endpoint: str, env: dict[str, str]) -> DaemonProcess:
-        name = f"d{len(started)}"
-        sock = str(short_tmp / f"{name}.sock")
-        config = write_config(
-            short_tmp / f"{name}.toml",
-            {
-                "daemon": {"socket": sock},
-                "cache": {"dir": str(short_tmp / f"{name}-cache")},
-                "s3": {
-                    "endpoint_url": endpoint,
-                    "region": "us-east-1",
-                    "addressing_style": "path",
-                    "max_attempts": 2,
-                    "deadline_s": 20,
-                },
-                "log": {"format": "json"},
-            },
+        no_aws_files = {
+            "AWS_CONFIG_FILE": os.devnull,
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        return factory(
+            endpoint=endpoint, env={**no_aws_files, **env}, name=f"d{len(factory.started)}"
         )
-        proc = DaemonProcess(
-            config,
-            sock,
-            short_tmp / f"{name}.log",
-            env={
-                "AWS_ACCESS_KEY_ID": ADMIN_KEY[0],
-                "AWS_SECRET_ACCESS_KEY": ADMIN_KEY[1],
-                "AWS_CONFIG_FILE": os.devnull,
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-                "AWS_EC2_METADATA_DISABLED": "true",
-                **env,
-            },
-            grace=2.0,
-        )
-        started.append(proc)
-        return proc.start()
 
     yield make
-    for proc in started:
-        proc.stop()
+    factory.stop()
 
 
 @pytest.fixture

@@ -29,6 +29,68 @@ def write_config(path: Path, sections: Mapping[str, Mapping[str, Any]]) -> Path:
     return path
 
 
+class DaemonFactory:
+    """Starts ``assetd serve`` processes in ``tmp``, each with its own config; ``stop()`` ends all.
+
+    Every daemon gets the key pair ``key``, loopback S3 at ``endpoint`` with
+    path addressing and 2 attempts, JSON logs, and the ``s3`` defaults given
+    here; each call may add or override sections.
+    """
+
+    def __init__(
+        self, tmp: Path, endpoint: str, key: tuple[str, str], s3: Mapping[str, Any] | None = None
+    ) -> None:
+        self.tmp, self.endpoint, self.key = tmp, endpoint, key
+        self.s3 = dict(s3 or {})
+        self.started: list[DaemonProcess] = []
+
+    def __call__(
+        self,
+        *,
+        endpoint: str | None = None,
+        daemon: dict[str, Any] | None = None,
+        s3_cfg: dict[str, Any] | None = None,
+        cache: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        name: str = "d",
+        start: bool = True,
+    ) -> DaemonProcess:
+        sock = str(self.tmp / f"{name}.sock")
+        sections: dict[str, dict[str, Any]] = {
+            "daemon": {"socket": sock, **(daemon or {})},
+            "cache": {"dir": str(self.tmp / f"{name}-cache"), **(cache or {})},
+            "s3": {
+                "endpoint_url": endpoint or self.endpoint,
+                "region": "us-east-1",
+                "addressing_style": "path",
+                "max_attempts": 2,
+                **self.s3,
+                **(s3_cfg or {}),
+            },
+            "log": {"format": "json"},
+        }
+        if metrics:
+            sections["metrics"] = metrics
+        proc = DaemonProcess(
+            write_config(self.tmp / f"{name}.toml", sections),
+            sock,
+            self.tmp / f"{name}.log",
+            env={
+                "AWS_ACCESS_KEY_ID": self.key[0],
+                "AWS_SECRET_ACCESS_KEY": self.key[1],
+                **(env or {}),
+            },
+            grace=2.0,
+        )
+        self.started.append(proc)
+        return proc.start() if start else proc
+
+    def stop(self) -> None:
+        for proc in self.started:
+            proc.stop()
+
+
 @dataclass
 class DaemonProcess:
     """One `assetd serve`; stderr (its JSON log) goes to ``log_path``."""
