@@ -63,14 +63,16 @@ from assetd.fetcher.s3 import S3Fetcher
 from assetd.service import AssetService
 from assetd.store import Store
 from tests.support.seaweedfs import ADMIN_KEY, SeaweedFS, clean_env
-from tests.support.shapeproxy import PROFILES, Shape, ShapingProxyProcess
+from tests.support.shapeproxy import PROFILES as SHAPES
+from tests.support.shapeproxy import Shape, ShapingProxyProcess
 
 BUCKET = "bench-assets"
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 SIZES = {"1KiB": KIB, "1MiB": MIB, "16MiB": 16 * MIB, "256MiB": 256 * MIB, "1GiB": GIB}
 MULTIPART_MIN = 16 * MIB  # from here, uploaded multipart as operators do: -N ETag
 PEERS = ("assetd", "boto3", "s5cmd", "crt")
-PROFILES = {"relay": Shape(connect_rtt=False), **PROFILES}  # loopback itself: no proxy
+# "relay" is the proxy unshaped; "loopback" itself uses no proxy at all
+PROFILES = {**SHAPES, "relay": SHAPES["loopback"]}
 Step = Callable[[], object]
 Timer = tuple[Step, Step]  # (untimed setup, timed run)
 
